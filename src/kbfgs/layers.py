@@ -1,0 +1,272 @@
+"""Per-layer-type helpers: the Kronecker-layer quantities of Sections 2-3 for Linear and Conv2d.
+
+For a Kronecker layer the parameters form ``W = [weight.reshape(out, -1), bias]`` (eq. 2; no
+bias column when the layer has no trainable bias). ``a_t`` is the input of output location
+``t`` (the unfolded patch for Conv2d) with a trailing homogeneous 1 when there is a bias, and
+``h_t`` is the output at ``t``. With ``m`` the batch size:
+
+* ``a_bar  = E_n[mean_t a_t(n)]``
+* ``A s    = E_n[sum_t (a_t(n)^T s) a_t(n)]``     (eq. 15, without forming ``A``)
+* ``A      = E_n[sum_t a_t(n) a_t(n)^T]``         (warm start, the 2020 moving average)
+* ``h_bar  = E_n[mean_t h_t(n)]``
+* ``Dh_bar = E_n[mean_t Dh_t(n)]`` with ``Dh(n) = m * d(mean loss)/dh(n)``.
+
+A Linear applied to ``(batch, positions..., features)`` treats every position as a location.
+All helpers are pure functions of tensors and the module's configuration; a registry maps a
+module type to its helper so that a new layer type is one class.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "KroneckerHelper",
+    "LinearHelper",
+    "Conv2dHelper",
+    "helper_for",
+    "unsupported_reason",
+    "damping_split",
+]
+
+# Largest number of elements of unfolded patches materialised at once when A is formed
+# explicitly (warm start, moving-average variant).
+_UNFOLD_CHUNK = 1 << 24
+
+
+def damping_split(damping: float, locations: int, is_conv: bool, split: str) -> tuple[float, float]:
+    """``(lambda_A, lambda_G)`` of Algorithm 2 line 2 / Appendix A.3 / spec section 4.
+
+    ``split="spatial"``: Conv2d gets ``sqrt(|T|) sqrt(lambda)`` and ``sqrt(lambda) / sqrt(|T|)``,
+    Linear ``sqrt(lambda)`` for both; ``split="sqrt"``: ``sqrt(lambda)`` for both everywhere.
+    """
+    root = math.sqrt(damping)
+    if split == "spatial" and is_conv:
+        t = math.sqrt(locations)
+        return t * root, root / t
+    return root, root
+
+
+class KroneckerHelper:
+    """Interface of a layer-type helper. ``x`` is the layer input, ``h`` its output."""
+
+    is_conv = False
+
+    @staticmethod
+    def has_bias(module: nn.Module) -> bool:
+        b = getattr(module, "bias", None)
+        return b is not None and b.requires_grad
+
+    @classmethod
+    def dims(cls, module: nn.Module) -> tuple[int, int]:
+        """``(rows, cols)`` of W: output features and input features (+1 with a bias)."""
+        w = module.weight
+        return w.shape[0], w[0].numel() + int(cls.has_bias(module))
+
+    @staticmethod
+    def batch_size(x: Tensor) -> int:
+        return x.shape[0]
+
+    @staticmethod
+    def locations(module: nn.Module, h: Tensor) -> int:
+        raise NotImplementedError
+
+    @classmethod
+    def a_bar(cls, module: nn.Module, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    @classmethod
+    def A_s(cls, module: nn.Module, x: Tensor, s: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    @classmethod
+    def A(cls, module: nn.Module, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    @staticmethod
+    def h_bar(h: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    @staticmethod
+    def Dh_bar(g: Tensor, batch_size: int, reduction: str = "mean") -> Tensor:
+        raise NotImplementedError
+
+    @classmethod
+    def split_matrix(cls, module: nn.Module, P: Tensor) -> list[Tensor]:
+        """Views of a W-shaped matrix ``P`` shaped like ``[weight, bias]`` (bias if trainable)."""
+        w = module.weight
+        k = w[0].numel()
+        views = [P[:, :k].view(w.shape)]
+        if cls.has_bias(module):
+            views.append(P[:, k])
+        return views
+
+    @classmethod
+    def params(cls, module: nn.Module) -> list[nn.Parameter]:
+        return [module.weight, module.bias] if cls.has_bias(module) else [module.weight]
+
+
+def _with_one(v: Tensor, bias: bool, value: float = 1.0) -> Tensor:
+    if not bias:
+        return v
+    return torch.cat([v, v.new_full((1,), value)])
+
+
+class LinearHelper(KroneckerHelper):
+    """``nn.Linear``: ``x`` is ``(m, ..., in)``, every leading position is a location."""
+
+    @staticmethod
+    def locations(module: nn.Module, h: Tensor) -> int:
+        return h[0].numel() // h.shape[-1] if h.dim() > 1 else 1
+
+    @classmethod
+    def a_bar(cls, module: nn.Module, x: Tensor) -> Tensor:
+        xf = x.reshape(-1, x.shape[-1])
+        return _with_one(xf.mean(0), cls.has_bias(module))
+
+    @classmethod
+    def A_s(cls, module: nn.Module, x: Tensor, s: Tensor) -> Tensor:
+        m = x.shape[0]
+        xf = x.reshape(-1, x.shape[-1])
+        bias = cls.has_bias(module)
+        z = xf @ (s[:-1] if bias else s)
+        if bias:
+            z = z + s[-1]
+        out = (xf.mT @ z) / m
+        return torch.cat([out, (z.sum() / m).reshape(1)]) if bias else out
+
+    @classmethod
+    def A(cls, module: nn.Module, x: Tensor) -> Tensor:
+        m = x.shape[0]
+        xf = x.reshape(-1, x.shape[-1])
+        if cls.has_bias(module):
+            xf = torch.cat([xf, xf.new_ones(xf.shape[0], 1)], dim=1)
+        return (xf.mT @ xf) / m
+
+    @staticmethod
+    def h_bar(h: Tensor) -> Tensor:
+        return h.reshape(-1, h.shape[-1]).mean(0)
+
+    @staticmethod
+    def Dh_bar(g: Tensor, batch_size: int, reduction: str = "mean") -> Tensor:
+        gf = g.reshape(-1, g.shape[-1])
+        locs = gf.shape[0] // g.shape[0]
+        scale = 1.0 / locs if reduction == "mean" else 1.0 / (locs * batch_size)
+        return gf.sum(0) * scale
+
+
+class Conv2dHelper(KroneckerHelper):
+    """``nn.Conv2d`` (groups 1, zero padding): ``a_t`` is the unfolded patch of location ``t``."""
+
+    is_conv = True
+
+    @staticmethod
+    def _geometry(module: nn.Conv2d) -> dict:
+        return dict(stride=module.stride, padding=module.padding, dilation=module.dilation)
+
+    @staticmethod
+    def locations(module: nn.Module, h: Tensor) -> int:
+        return h.shape[-1] * h.shape[-2]
+
+    @classmethod
+    def _weight_grad(cls, module: nn.Conv2d, x: Tensor, grad_out: Tensor) -> Tensor:
+        """Weight gradient of a one-filter conv: ``sum_{n,t} grad_out_t(n) patch_t(n)``."""
+        _, _, kh, kw = module.weight.shape
+        g = cls._geometry(module)
+        pad = g["padding"]
+        if isinstance(pad, str):  # "same" / "valid"
+            raise ValueError(f"string padding {pad!r} is not supported")
+        _, gw, _ = torch.ops.aten.convolution_backward(
+            grad_out, x, x.new_empty(1, x.shape[1], kh, kw), None,
+            g["stride"], pad, g["dilation"], False, [0, 0], 1, [False, True, False],
+        )
+        return gw.reshape(-1)
+
+    @classmethod
+    def a_bar(cls, module: nn.Module, x: Tensor) -> Tensor:
+        m = x.shape[0]
+        xs = x.sum(0, keepdim=True)
+        ho, wo = cls.out_size(module, x)
+        ones = x.new_full((1, 1, ho, wo), 1.0 / (m * ho * wo))
+        return _with_one(cls._weight_grad(module, xs, ones), cls.has_bias(module))
+
+    @classmethod
+    def out_size(cls, module: nn.Conv2d, x: Tensor) -> tuple[int, int]:
+        sizes = []
+        for i in range(2):
+            k, s, p, d = (module.kernel_size[i], module.stride[i], module.padding[i],
+                          module.dilation[i])
+            sizes.append((x.shape[2 + i] + 2 * p - d * (k - 1) - 1) // s + 1)
+        return sizes[0], sizes[1]
+
+    @classmethod
+    def A_s(cls, module: nn.Module, x: Tensor, s: Tensor) -> Tensor:
+        m, c = x.shape[0], x.shape[1]
+        _, _, kh, kw = module.weight.shape
+        bias = cls.has_bias(module)
+        k = c * kh * kw
+        z = F.conv2d(x, s[:k].view(1, c, kh, kw), s[k:] if bias else None, **cls._geometry(module))
+        out = cls._weight_grad(module, x, z) / m
+        return torch.cat([out, (z.sum() / m).reshape(1)]) if bias else out
+
+    @classmethod
+    def unfold(cls, module: nn.Conv2d, x: Tensor) -> Tensor:
+        """``(m, |T|, J|Delta| [+1])`` patches (for explicit A only)."""
+        cols = F.unfold(x, module.kernel_size, **cls._geometry(module)).transpose(1, 2)
+        if cls.has_bias(module):
+            cols = torch.cat([cols, cols.new_ones(cols.shape[0], cols.shape[1], 1)], dim=2)
+        return cols
+
+    @classmethod
+    def A(cls, module: nn.Module, x: Tensor) -> Tensor:
+        m = x.shape[0]
+        ho, wo = cls.out_size(module, x)
+        n = cls.dims(module)[1]
+        per_sample = max(1, ho * wo * n)
+        chunk = max(1, _UNFOLD_CHUNK // per_sample)
+        out = x.new_zeros(n, n)
+        for i in range(0, m, chunk):
+            cols = cls.unfold(module, x[i:i + chunk]).reshape(-1, n)
+            out.addmm_(cols.mT, cols)
+        return out / m
+
+    @staticmethod
+    def h_bar(h: Tensor) -> Tensor:
+        return h.mean(dim=(0, 2, 3))
+
+    @staticmethod
+    def Dh_bar(g: Tensor, batch_size: int, reduction: str = "mean") -> Tensor:
+        locs = g.shape[2] * g.shape[3]
+        scale = 1.0 / locs if reduction == "mean" else 1.0 / (locs * batch_size)
+        return g.sum(dim=(0, 2, 3)) * scale
+
+
+_REGISTRY: dict[type, type[KroneckerHelper]] = {
+    nn.Linear: LinearHelper,
+    nn.Conv2d: Conv2dHelper,
+}
+
+
+def unsupported_reason(module: nn.Module) -> Optional[str]:
+    """Why a Linear/Conv2d cannot be a Kronecker layer, or ``None`` when it can."""
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1:
+            return f"groups={module.groups}"
+        if module.padding_mode != "zeros":
+            return f"padding_mode={module.padding_mode!r}"
+        if isinstance(module.padding, str):
+            return f"padding={module.padding!r}"
+    return None
+
+
+def helper_for(module: nn.Module) -> Optional[type[KroneckerHelper]]:
+    """The helper for a module's exact type (subclasses included), or ``None``."""
+    for cls in type(module).__mro__:
+        if cls in _REGISTRY:
+            return _REGISTRY[cls]
+    return None

@@ -1,0 +1,381 @@
+"""What K-BFGS and KFAC share: Kronecker-layer discovery, the momentum / preconditioned update,
+the reliability contract (non-finite skip, exact resume), warm start and diagnostics.
+
+A subclass provides ``_init_layer`` (layer state), ``_precondition`` (P = H_G BUF H_A) and its
+own ``step``; this class keeps hooks, state and I/O at the edges of the pure math.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+import warnings
+from collections import defaultdict
+from typing import Any, Callable, Iterable, Iterator, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..capture import Capture, KroneckerLayer, LayerRecord
+from ..layers import helper_for, unsupported_reason
+
+__all__ = ["KroneckerOptimizer", "unwrap_model"]
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The inner module of a ``DistributedDataParallel`` / ``DataParallel`` wrapper."""
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    while isinstance(model, (DistributedDataParallel, DataParallel)):
+        model = model.module
+    return model
+
+
+class KroneckerOptimizer(torch.optim.Optimizer):
+    """Base class of the Kronecker-factored optimizers (not used directly)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        defaults: dict[str, Any],
+        *,
+        update_freq: int,
+        update_freq_name: str,
+        loss_reduction: str,
+        check_finite: bool,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        _validate_common(defaults)
+        if isinstance(update_freq, bool) or int(update_freq) != update_freq or update_freq < 1:
+            raise ValueError(f"{update_freq_name} must be an integer >= 1, got {update_freq!r}")
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+        self.model = model
+        self.update_freq = int(update_freq)
+        self.loss_reduction = loss_reduction
+        self.check_finite = bool(check_finite)
+        inner = unwrap_model(model)
+        params = [p for p in _unique_params(inner) if p.requires_grad]
+        if not params:
+            raise ValueError("model has no trainable parameters")
+        super().__init__(params, defaults)
+        self.layers: list[KroneckerLayer] = _find_layers(inner)
+        self.layer_state: dict[str, dict[str, Any]] = {}
+        self.capture = Capture(self.layers, self._curvature_dtype, loss_reduction)
+        self.steps = 0  # k of the paper: number of completed steps
+        self.warm_started = False
+        self.skipped_steps = 0
+        self.curvature_updates = 0
+        self.times: dict[str, float] = defaultdict(float)
+        self._warned: set[str] = set()
+        self._kron_params = {id(p) for layer in self.layers for p in layer.helper.params(layer.module)}
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _curvature_dtype(module: nn.Module) -> torch.dtype:
+        """float64 curvature for float64 parameters, float32 otherwise (autocast included)."""
+        return torch.float64 if module.weight.dtype == torch.float64 else torch.float32
+
+    def _warn_once(self, kind: str, message: str) -> None:
+        if kind not in self._warned:
+            self._warned.add(kind)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+    def _demote(self, names: Iterable[str], why: str) -> None:
+        """Turn Kronecker layers into other parameters (e.g. a module used twice in a forward)."""
+        names = set(names)
+        if not names:
+            return
+        for layer in [ly for ly in self.layers if ly.name in names]:
+            warnings.warn(
+                f"{type(self).__name__}: module '{layer.name}' ({type(layer.module).__name__}) "
+                f"{why}; its parameters are updated as other parameters (momentum SGD)",
+                UserWarning, stacklevel=3,
+            )
+            st = self.layer_state.pop(layer.name, None)
+            views = layer.helper.split_matrix(layer.module, st["buf"]) if st else None
+            for i, p in enumerate(layer.helper.params(layer.module)):
+                self._kron_params.discard(id(p))
+                if views is not None:
+                    self.state[p]["momentum_buffer"] = views[i].clone()
+        self.layers[:] = [ly for ly in self.layers if ly.name not in names]
+
+    def _check_records(self, records: dict[str, LayerRecord]) -> None:
+        self._demote([n for n, r in records.items() if r.calls > 1],
+                     "is called more than once in one forward pass")
+
+    @staticmethod
+    def _require_closure(closure: Optional[Callable]) -> Callable:
+        if closure is None:
+            raise RuntimeError(
+                "step() requires a closure: closure() must zero the gradients, run the forward "
+                "pass, compute the batch-mean loss, call loss.backward() and return the loss; "
+                "the optimizer calls it again on the same minibatch for the curvature pass"
+            )
+        return torch.enable_grad()(closure)
+
+    def _all_finite(self, loss: Any) -> bool:
+        """One host sync: is the loss and every gradient finite?"""
+        vals = []
+        if isinstance(loss, Tensor):
+            vals.append(loss.detach().abs().max().reshape(1).float())
+        elif loss is not None:
+            vals.append(torch.tensor([abs(float(loss))]))
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if grads:
+            norms = torch._foreach_norm(grads, float("inf"))
+            vals.extend(n.reshape(1).float().to(vals[0].device if vals else n.device)
+                        for n in norms)
+        if not vals:
+            return True
+        dev = vals[0].device
+        return bool(torch.isfinite(torch.cat([v.to(dev) for v in vals])).all())
+
+    def _skip_step(self, loss: Any) -> Any:
+        self.skipped_steps += 1
+        self._warn_once("nonfinite", f"{type(self).__name__}: non-finite loss or gradient at step "
+                        f"{self.steps + 1}; the step is skipped and the optimizer state is "
+                        "unchanged (counted in stats()['skipped_steps'])")
+        return loss
+
+    @contextlib.contextmanager
+    def _extra_pass(self) -> Iterator[None]:
+        """The extra curvature pass: same random numbers as the first pass, no parameter
+        gradients, module buffers restored, no DDP gradient all-reduce."""
+        inner = unwrap_model(self.model)
+        buffers = [(b, b.clone()) for b in inner.buffers()]
+        flags = [(p, p.requires_grad) for p in inner.parameters()]
+        no_sync = getattr(self.model, "no_sync", None)
+        ctx = no_sync() if callable(no_sync) else contextlib.nullcontext()
+        rng_after = _rng_state(self._rng_devices())
+        _set_rng_state(self._rng_before)
+        try:
+            for p, _ in flags:
+                p.requires_grad_(False)
+            with ctx:
+                yield
+        finally:
+            for p, flag in flags:
+                p.requires_grad_(flag)
+            with torch.no_grad():
+                for b, saved in buffers:
+                    b.copy_(saved)
+            _set_rng_state(rng_after)
+
+    def _rng_devices(self) -> list[torch.device]:
+        devs = {p.device for g in self.param_groups for p in g["params"]}
+        return [d for d in devs if d.type == "cuda"]
+
+    def _save_rng(self) -> None:
+        self._rng_before = _rng_state(self._rng_devices())
+
+    # ------------------------------------------------------------------ update
+    @torch.no_grad()
+    def _apply_update(self) -> None:
+        """Momentum on every parameter, P = H_G BUF_W H_A on Kronecker layers, then the step."""
+        t0 = time.perf_counter()
+        group = self.param_groups[0]
+        lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
+        for layer in self.layers:
+            st = self.layer_state.get(layer.name)
+            params = layer.helper.params(layer.module)
+            if st is None or params[0].grad is None:
+                continue
+            buf = st["buf"]
+            views = layer.helper.split_matrix(layer.module, buf)
+            buf.mul_(mom)
+            for v, p in zip(views, params):
+                if p.grad is not None:
+                    v.add_(p.grad)
+            P = self._precondition(layer, st)
+            for v, p in zip(layer.helper.split_matrix(layer.module, P), params):
+                if wd != 0:
+                    v.add_(p, alpha=wd)
+                p.add_(v.to(p.dtype), alpha=-lr)
+        others = [p for g in self.param_groups for p in g["params"]
+                  if id(p) not in self._kron_params and p.grad is not None]
+        if others:
+            bufs = []
+            for p in others:
+                st = self.state[p]
+                if "momentum_buffer" not in st:
+                    st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                bufs.append(st["momentum_buffer"])
+            torch._foreach_mul_(bufs, mom)
+            torch._foreach_add_(bufs, [p.grad for p in others])
+            if wd != 0:
+                steps = torch._foreach_add(bufs, others, alpha=wd)
+            else:
+                steps = bufs
+            torch._foreach_add_(others, steps, alpha=-lr * self._other_lr_scale(group))
+        self.times["precondition"] += time.perf_counter() - t0
+
+    def _other_lr_scale(self, group: dict) -> float:
+        return 1.0
+
+    # ------------------------------------------------------------------ warm start
+    @torch.no_grad()
+    def warm_start(self, inputs: Iterable[Any]) -> None:
+        """Initialise H_A = (A_0 + lambda_A I)^-1 from data (Algorithm 2 line 3).
+
+        ``inputs`` is an iterable of input batches: tensors, or tuples/lists whose first element
+        is the input (e.g. a DataLoader of ``(x, y)``). A_0 = E_n[sum_t a_t a_t^T] over all samples.
+        The model runs in its current mode without gradients; its buffers (BatchNorm running
+        statistics) are restored afterwards.
+        """
+        t0 = time.perf_counter()
+        inner = unwrap_model(self.model)
+        buffers = [(b, b.clone()) for b in inner.buffers()]
+        sums: dict[str, Tensor] = {}
+        count: dict[str, int] = defaultdict(int)
+        locations: dict[str, int] = {}
+        device = next(iter(self.param_groups[0]["params"])).device
+        try:
+            for batch in inputs:
+                x = batch[0] if isinstance(batch, (tuple, list)) else batch
+                if not isinstance(x, Tensor):
+                    raise TypeError("warm_start expects an iterable of tensors or (input, ...) "
+                                    f"tuples, got an element of type {type(x).__name__}")
+                with self.capture.record("warm") as recs:
+                    inner(x.to(device))
+                self._check_records(recs)
+                for name, r in recs.items():
+                    if r.A is None:
+                        continue
+                    sums[name] = r.A if name not in sums else sums[name].add_(r.A)
+                    count[name] += r.batch
+                    locations[name] = r.locations
+        finally:
+            for b, saved in buffers:
+                b.copy_(saved)
+        if not sums:
+            raise ValueError("warm_start received no input batches (or no Kronecker layer ran)")
+        for layer in self.layers:
+            if layer.name in sums:
+                self._warm_layer(layer, locations[layer.name], sums[layer.name] / count[layer.name])
+        self.warm_started = True
+        self.times["warm_start"] += time.perf_counter() - t0
+
+    def _warm_layer(self, layer: KroneckerLayer, locations: int, A0: Tensor) -> None:
+        self._init_layer(layer, locations, A0)
+
+    def _init_layer(self, layer: KroneckerLayer, locations: int, A0: Optional[Tensor] = None) -> dict:
+        raise NotImplementedError
+
+    def _precondition(self, layer: KroneckerLayer, st: dict) -> Tensor:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["kronecker"] = {
+            "steps": self.steps,
+            "warm_started": self.warm_started,
+            "skipped_steps": self.skipped_steps,
+            "curvature_updates": self.curvature_updates,
+            "layers": {name: {k: v for k, v in st.items() if not k.startswith("_")}
+                       for name, st in self.layer_state.items()},
+            "demoted": [],
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        sd = dict(state_dict)
+        extra = sd.pop("kronecker", None)
+        if extra is None:
+            raise ValueError(f"state_dict was not produced by {type(self).__name__}.state_dict() "
+                             "(missing key 'kronecker')")
+        known = {ly.name for ly in self.layers}
+        unknown = set(extra["layers"]) - known
+        if unknown:
+            raise ValueError(f"state_dict has curvature for layers this model lacks: {sorted(unknown)}")
+        super().load_state_dict(sd)
+        self.steps = int(extra["steps"])
+        self.warm_started = bool(extra["warm_started"])
+        self.skipped_steps = int(extra["skipped_steps"])
+        self.curvature_updates = int(extra["curvature_updates"])
+        self.layer_state = {}
+        for layer in self.layers:
+            st = extra["layers"].get(layer.name)
+            if st is None:
+                continue
+            device = layer.module.weight.device
+            self.layer_state[layer.name] = {
+                k: (v.detach().clone().to(device) if isinstance(v, Tensor) else copy.deepcopy(v))
+                for k, v in st.items()
+            }
+
+    # ------------------------------------------------------------------ diagnostics
+    def stats(self, condition: bool = True) -> dict[str, Any]:
+        """Diagnostics: counts, per-layer skipped pairs / Powell theta / condition numbers and the
+        host time spent in each part (seconds; on GPU, launch time unless synchronised)."""
+        times = dict(self.times)
+        times["hooks"] = self.capture.hook_seconds
+        return {
+            "steps": self.steps,
+            "skipped_steps": self.skipped_steps,
+            "curvature_updates": self.curvature_updates,
+            "warm_started": self.warm_started,
+            "time": times,
+            "layers": {layer.name: self._layer_stats(layer, self.layer_state[layer.name], condition)
+                       for layer in self.layers if layer.name in self.layer_state},
+        }
+
+    def _layer_stats(self, layer: KroneckerLayer, st: dict, condition: bool) -> dict[str, Any]:
+        return {}
+
+
+def _validate_common(d: dict[str, Any]) -> None:
+    lr, damping, mom, wd = d["lr"], d["damping"], d["momentum"], d["weight_decay"]
+    if not isinstance(lr, (int, float)) or not lr >= 0.0:
+        raise ValueError(f"lr must be a number >= 0, got {lr!r}")
+    if not isinstance(damping, (int, float)) or not damping > 0.0:
+        raise ValueError(f"damping must be a number > 0, got {damping!r}")
+    if not isinstance(mom, (int, float)) or not 0.0 <= mom < 1.0:
+        raise ValueError(f"momentum must be in [0, 1), got {mom!r}")
+    if not isinstance(wd, (int, float)) or not wd >= 0.0:
+        raise ValueError(f"weight_decay must be a number >= 0, got {wd!r}")
+
+
+def _unique_params(model: nn.Module) -> list[nn.Parameter]:
+    return list(model.parameters())  # nn.Module.parameters() already removes duplicates
+
+
+def _find_layers(model: nn.Module) -> list[KroneckerLayer]:
+    """Every Linear/Conv2d with a trainable weight, minus the unsupported ones (warned)."""
+    found: list[KroneckerLayer] = []
+    owners: dict[int, list[str]] = defaultdict(list)
+    for name, module in model.named_modules():
+        helper = helper_for(module)
+        if helper is None or getattr(module, "weight", None) is None:
+            continue
+        if not module.weight.requires_grad:
+            continue
+        reason = unsupported_reason(module)
+        if reason is not None:
+            warnings.warn(f"module '{name}' ({type(module).__name__}, {reason}) is not supported as "
+                          "a Kronecker layer; its parameters are updated as other parameters "
+                          "(momentum SGD)", UserWarning, stacklevel=4)
+            continue
+        found.append(KroneckerLayer(name or type(module).__name__, module, helper))
+        for p in helper.params(module):
+            owners[id(p)].append(name)
+    shared = {n for names in owners.values() if len(names) > 1 for n in names}
+    for name in sorted(shared):
+        warnings.warn(f"module '{name}' shares a parameter with another layer; its parameters are "
+                      "updated as other parameters (momentum SGD)", UserWarning, stacklevel=4)
+    return [ly for ly in found if ly.name not in shared]
+
+
+def _rng_state(cuda_devices: list[torch.device]) -> tuple:
+    return (torch.get_rng_state(),
+            [(d, torch.cuda.get_rng_state(d)) for d in cuda_devices])
+
+
+def _set_rng_state(state: tuple) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    for d, s in cuda:
+        torch.cuda.set_rng_state(s, d)
