@@ -25,7 +25,6 @@ from torch import Tensor
 PathLike = Union[str, Path]
 
 __all__ = [
-    "ArrayData",
     "CIFAR10_MEAN",
     "CIFAR10_STD",
     "CIFAR100_MEAN",
@@ -33,6 +32,7 @@ __all__ = [
     "DATASET_NAMES",
     "DEBIAN_FASHION_MNIST_DIR",
     "FACES_N_TRAIN",
+    "ArrayData",
     "as_images",
     "augment_crop_flip",
     "crop_flip",
@@ -140,21 +140,24 @@ def _mnist_dirs(data_dir: PathLike | None, kind: str) -> list[Path]:
     return dirs
 
 
-def _find_idx_files(directory: Path) -> dict[str, Path] | None:
-    """The four IDX files in ``directory`` (plain or .gz), or None if any is missing."""
+def _find_idx_files(directory: Path) -> dict[str, Path]:
+    """Those of the four IDX files present in ``directory`` (plain or .gz)."""
     found: dict[str, Path] = {}
     for key, stem in _MNIST_FILES.items():
         for candidate in (directory / stem, directory / f"{stem}.gz"):
             if candidate.is_file():
                 found[key] = candidate
                 break
-        else:
-            return None
     return found
 
 
-def _mnist_missing_error(kind: str, dirs: list[Path]) -> FileNotFoundError:
+def _mnist_missing_error(kind: str, dirs: list[Path],
+                         partial: dict[Path, list[str]]) -> FileNotFoundError:
     tried = "\n".join(f"  {d / stem}[.gz]" for d in dirs for stem in _MNIST_FILES.values())
+    if not dirs:
+        tried = "  (nothing: data_dir is None)"
+    for d, missing in partial.items():
+        tried += f"\n{d} holds only some of the files; missing: {', '.join(missing)}"
     if kind == "fashion-mnist":
         how = ("Install Debian's package with `apt-get install dataset-fashion-mnist` "
                f"(files go to {DEBIAN_FASHION_MNIST_DIR}), or pass data_dir holding the files.")
@@ -162,8 +165,6 @@ def _mnist_missing_error(kind: str, dirs: list[Path]) -> FileNotFoundError:
         how = ("MNIST is not bundled: put the four IDX files (from "
                "http://yann.lecun.com/exdb/mnist/ or a mirror) in a directory and pass it as "
                "data_dir.")
-    if not dirs:
-        tried = "  (nothing: data_dir is None)"
     return FileNotFoundError(f"{kind}: could not find all four IDX files "
                              f"({', '.join(_MNIST_FILES.values())}). Tried:\n{tried}\n{how}")
 
@@ -178,11 +179,14 @@ def load_mnist(data_dir: PathLike | None, kind: str = "mnist") -> ArrayData:
     if kind not in _MNIST_SUBDIRS:
         raise ValueError(f"kind must be one of {sorted(_MNIST_SUBDIRS)}, got {kind!r}")
     dirs = _mnist_dirs(data_dir, kind)
+    partial: dict[Path, list[str]] = {}
     for directory in dirs:
         files = _find_idx_files(directory)
-        if files is not None:
+        if len(files) == len(_MNIST_FILES):
             return _load_idx_set(files, kind, directory)
-    raise _mnist_missing_error(kind, dirs)
+        if files:
+            partial[directory] = [v for k, v in _MNIST_FILES.items() if k not in files]
+    raise _mnist_missing_error(kind, dirs, partial)
 
 
 def _load_idx_set(files: dict[str, Path], kind: str, directory: Path) -> ArrayData:
@@ -271,7 +275,7 @@ def _rows_of_width(a: np.ndarray, width: int, what: str, features_first: bool) -
     return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
 
 
-def load_faces(data_dir: PathLike, n_train: int = FACES_N_TRAIN) -> ArrayData:
+def load_faces(data_dir: PathLike | None, n_train: int = FACES_N_TRAIN) -> ArrayData:
     """FACES: ``newfaces_rot_single.mat`` key ``newfaces_single`` (625 x N, transposed).
 
     The first ``n_train`` rows (103,500, Appendix D.2) are the training set, the rest the test
@@ -343,7 +347,7 @@ def _render(points: Tensor, size: int, pen_sigma: float, radius: int = 3) -> Ten
     ``radius - 0.5`` pixels, below 1%, are dropped). Stamps go to a canvas padded by
     ``radius``, which is cropped at the end.
     """
-    n, s, _ = points.shape
+    n = points.shape[0]
     width = size + 2 * radius
     base = points.round().clamp_(0, size - 1)  # stamp centre, kept inside the image
     off = torch.arange(-radius, radius + 1, dtype=points.dtype)
