@@ -94,6 +94,19 @@ class KBFGS(KroneckerOptimizer):
             loss_reduction=loss_reduction,
             check_finite=check_finite,
         )
+        for layer in self.layers:  # conv layers with the spatial split are checked at first use
+            if not (layer.helper.is_conv and damping_split == "spatial"):
+                self._check_dd(layer, 1)
+
+    def _check_dd(self, layer: KroneckerLayer, locations: int) -> None:
+        if self.damping_rule != "dd":
+            return
+        lam_G = self._lambdas(layer, locations)[1]
+        if not 0.0 < lam_G <= 1.0:
+            raise ValueError(
+                f"damping_rule='dd' needs mu2 = lambda_G in (0, 1], but layer '{layer.name}' has "
+                f"lambda_G = {lam_G:.4g} (damping={self.param_groups[0]['damping']}); use a "
+                "damping <= 1 or damping_rule='dpdlm'")
 
     # ------------------------------------------------------------------ step
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:  # type: ignore[override]
@@ -156,6 +169,7 @@ class KBFGS(KroneckerOptimizer):
                              self.damping_split)
 
     def _init_layer(self, layer: KroneckerLayer, locations: int, A0: Optional[Tensor] = None) -> dict:
+        self._check_dd(layer, locations)
         rows, cols = layer.helper.dims(layer.module)
         dtype, device = self._curvature_dtype(layer.module), layer.module.weight.device
         lam_A, lam_G = self._lambdas(layer, locations)
