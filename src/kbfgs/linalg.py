@@ -67,10 +67,11 @@ def bfgs_update(H: Tensor, s: Tensor, y: Tensor, *, inplace: bool = False) -> tu
     rho = torch.where(ok, 1.0 / torch.where(ok, sy, torch.ones_like(sy)), zero)
     u = H @ y
     c = rho * (1.0 + rho * torch.dot(y, u))
-    # H+ = H + s w^T + w s^T with w = (c / 2) s - rho u: two rank-one updates, in place.
+    # H+ = H + s w^T + w s^T with w = (c / 2) s - rho u: one rank-two product, in place
+    # (a single pass over H).
     w = 0.5 * c * s - rho * u
     out = H if inplace else H.clone()
-    out.addr_(s, w).addr_(w, s)
+    out.addmm_(torch.stack([s, w], dim=1), torch.stack([w, s], dim=0))
     return out, ok
 
 
