@@ -70,6 +70,7 @@ class KroneckerOptimizer(torch.optim.Optimizer):
         self.curvature_updates = 0
         self.times: dict[str, float] = defaultdict(float)
         self._warned: set[str] = set()
+        self.demoted: list[str] = []
         self._kron_params = {id(p) for layer in self.layers for p in layer.helper.params(layer.module)}
 
     # ------------------------------------------------------------------ helpers
@@ -83,23 +84,25 @@ class KroneckerOptimizer(torch.optim.Optimizer):
             self._warned.add(kind)
             warnings.warn(message, RuntimeWarning, stacklevel=3)
 
-    def _demote(self, names: Iterable[str], why: str) -> None:
+    def _demote(self, names: Iterable[str], why: str, quiet: bool = False) -> None:
         """Turn Kronecker layers into other parameters (e.g. a module used twice in a forward)."""
         names = set(names)
         if not names:
             return
         for layer in [ly for ly in self.layers if ly.name in names]:
-            warnings.warn(
-                f"{type(self).__name__}: module '{layer.name}' ({type(layer.module).__name__}) "
-                f"{why}; its parameters are updated as other parameters (momentum SGD)",
-                UserWarning, stacklevel=3,
-            )
+            if not quiet:
+                warnings.warn(
+                    f"{type(self).__name__}: module '{layer.name}' ({type(layer.module).__name__}) "
+                    f"{why}; its parameters are updated as other parameters (momentum SGD)",
+                    UserWarning, stacklevel=3,
+                )
             st = self.layer_state.pop(layer.name, None)
             views = layer.helper.split_matrix(layer.module, st["buf"]) if st else None
             for i, p in enumerate(layer.helper.params(layer.module)):
                 self._kron_params.discard(id(p))
-                if views is not None:
+                if views is not None and "momentum_buffer" not in self.state[p]:
                     self.state[p]["momentum_buffer"] = views[i].clone()
+            self.demoted.append(layer.name)
         self.layers[:] = [ly for ly in self.layers if ly.name not in names]
 
     def _check_records(self, records: dict[str, LayerRecord]) -> None:
@@ -277,7 +280,7 @@ class KroneckerOptimizer(torch.optim.Optimizer):
             "curvature_updates": self.curvature_updates,
             "layers": {name: {k: v for k, v in st.items() if not k.startswith("_")}
                        for name, st in self.layer_state.items()},
-            "demoted": [],
+            "demoted": list(self.demoted),
         }
         return sd
 
@@ -287,6 +290,7 @@ class KroneckerOptimizer(torch.optim.Optimizer):
         if extra is None:
             raise ValueError(f"state_dict was not produced by {type(self).__name__}.state_dict() "
                              "(missing key 'kronecker')")
+        self._demote(extra.get("demoted", []), "was demoted in the saved run", quiet=True)
         known = {ly.name for ly in self.layers}
         unknown = set(extra["layers"]) - known
         if unknown:

@@ -128,10 +128,13 @@ class KBFGS(KroneckerOptimizer):
             ctx = self.capture.record("probe")
         else:
             ctx = contextlib.nullcontext({})
+        known = set(self.layer_state)
         with ctx as pre:
             loss = closure()
         self.times["forward_backward"] += time.perf_counter() - t0
         if self.check_finite and not self._all_finite(loss):
+            for name in set(self.layer_state) - known:  # created lazily in this pass
+                del self.layer_state[name]
             return self._skip_step(loss)
         self._check_records(pre)
         for layer in self.layers:
@@ -275,6 +278,9 @@ class KBFGS(KroneckerOptimizer):
             else:
                 s_t, y_t, theta, _ = linalg.double_damping(s, y, H, self.mu1, lam_G)
             st["theta"] = theta
+            # a non-finite extra pass forms no pair: the zero pair is skipped and counted
+            s_t = torch.where(fin, s_t, torch.zeros_like(s_t))
+            y_t = torch.where(fin, y_t, torch.zeros_like(y_t))
             if self.history is None:
                 _, ok = linalg.bfgs_update(st["H_G"], s_t, y_t, inplace=True)
                 st["skipped_G"] += (~ok).long()
