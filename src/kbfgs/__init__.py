@@ -4,8 +4,8 @@ Implements Ren, Bahamou and Goldfarb, "Kronecker-factored Quasi-Newton Methods f
 Learning" (Algorithm 2), the 2020 variants for ablation, and the KFAC baseline (Algorithm 5).
 """
 
-from .optim import KBFGS
+from .optim import KBFGS, KFAC, make_optimizer
 
 __version__ = "0.1.0"
 
-__all__ = ["KBFGS", "__version__"]
+__all__ = ["KBFGS", "KFAC", "__version__", "make_optimizer"]
