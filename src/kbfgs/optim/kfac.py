@@ -1,0 +1,737 @@
+"""KFAC, the paper's second-order baseline (Algorithm 5, Appendix D.1, spec section 5).
+
+Per Kronecker layer (the same Linear / Conv2d rules, fallbacks and ``W`` layout as K-BFGS):
+
+* ``Omega = E_n[sum_t a_t a_t^T]``  (the ``A`` of K-BFGS, ``kbfgs.layers``),
+* ``Gamma = E_n[mean_t Dh_t Dh_t^T]`` with ``Dh(n) = m * d(sampled mean loss)/dh(n)``, from a
+  forward-backward pass whose targets are *sampled from the model's predictive distribution*,
+* moving averages ``X = beta X + (1 - beta) X_minibatch`` every ``stat_freq`` steps (line 14),
+* ``H_Omega = (Omega + pi sqrt(lambda) I)^-1``, ``H_Gamma = (Gamma + sqrt(lambda) / pi I)^-1``
+  every ``inv_freq`` steps (line 19),
+* ``p = H_Gamma BUF_W H_Omega`` with the K-BFGS momentum and decoupled weight decay.
+
+The optimizer owns the order of operations; the factor pass lives in ``_factor_pass`` (hooks that
+exist only for that pass) and the damped inversion in the pure function ``damped_inverses``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..capture import KroneckerLayer
+from ..layers import _UNFOLD_CHUNK, Conv2dHelper, KroneckerHelper
+from .base import KroneckerOptimizer, unwrap_model
+
+__all__ = ["KFAC", "LIKELIHOODS", "damped_inverses", "kfac_pi", "sample_targets", "sampling_seed"]
+
+LIKELIHOODS = ("categorical", "bernoulli", "gaussian")
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure functions (no module state): sampling and the damped inverses of line 19
+# ---------------------------------------------------------------------------------------------
+
+
+def sampling_seed(seed: int, stream: str, index: int, rank: int = 0) -> int:
+    """The seed of the ``torch.Generator`` that draws the targets of one factor pass.
+
+    ``stream`` is ``"step"`` (``index`` = the iteration k, counted from 1) or ``"warm"``
+    (``index`` = the position of the batch in the warm-start iterable); ``rank`` is the
+    distributed rank (0 without ``torch.distributed``). The value is the first 63 bits of
+    ``blake2b("{seed}:{stream}:{index}:{rank}")``: stable across processes and platforms, so a
+    resumed run draws exactly the targets the uninterrupted run would have drawn.
+    """
+    digest = hashlib.blake2b(f"{int(seed)}:{stream}:{int(index)}:{int(rank)}".encode(),
+                             digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def _sampling_dtype(out: Tensor) -> torch.dtype:
+    return torch.float64 if out.dtype == torch.float64 else torch.float32
+
+
+def sample_targets(output: Tensor, likelihood: str, generator: torch.Generator) -> Tensor:
+    """Targets drawn from the predictive distribution given by the model ``output``.
+
+    * ``"categorical"``: ``output`` are logits with the classes on dim 1 (as for
+      ``F.cross_entropy``): ``y ~ Categorical(softmax(output, dim=1))``, an int64 tensor of
+      shape ``output.shape`` without dim 1 (drawn with ``torch.multinomial``).
+    * ``"bernoulli"``: ``output`` are logits: ``y ~ Bernoulli(sigmoid(output))`` (``torch.bernoulli``).
+    * ``"gaussian"``: ``output`` is the mean: ``y = output + N(0, I)`` (``torch.randn``).
+
+    Probabilities are computed from ``output.detach()`` in float32 (float64 for a float64
+    output); the draw uses only ``generator`` (the global RNG is untouched).
+    """
+    out = output.detach().to(_sampling_dtype(output))
+    if likelihood == "categorical":
+        if out.dim() < 2:
+            raise ValueError("likelihood='categorical' needs an output of shape (batch, classes, "
+                             f"...) (logits on dim 1), got shape {tuple(output.shape)}")
+        probs = torch.softmax(out, dim=1).movedim(1, -1)
+        flat = probs.reshape(-1, probs.shape[-1])
+        y = torch.multinomial(flat, 1, replacement=True, generator=generator)
+        return y.reshape(probs.shape[:-1])
+    if likelihood == "bernoulli":
+        return torch.bernoulli(torch.sigmoid(out), generator=generator)
+    if likelihood == "gaussian":
+        noise = torch.randn(out.shape, dtype=out.dtype, device=out.device, generator=generator)
+        return out + noise
+    raise ValueError(f"likelihood must be one of {', '.join(map(repr, LIKELIHOODS))}, "
+                     f"got {likelihood!r}")
+
+
+def sampled_loss(output: Tensor, target: Tensor, likelihood: str, reduction: str) -> Tensor:
+    """The loss whose gradient gives the sampled per-sample derivatives ``Dh``.
+
+    ``"categorical"``: ``F.cross_entropy`` (mean, or sum, over the batch and any extra dims);
+    ``"bernoulli"``: BCE with logits summed over all non-batch dims; ``"gaussian"``:
+    ``0.5 ||output - y||^2`` summed over all non-batch dims; the last two are then averaged
+    (``reduction="mean"``) or summed (``"sum"``) over the batch.
+    """
+    out = output.to(_sampling_dtype(output))
+    if likelihood == "categorical":
+        return F.cross_entropy(out, target, reduction=reduction)
+    if likelihood == "bernoulli":
+        per = F.binary_cross_entropy_with_logits(out, target, reduction="none")
+    else:
+        per = 0.5 * (out - target).pow(2)
+    per = per.reshape(per.shape[0], -1).sum(1)
+    return per.mean() if reduction == "mean" else per.sum()
+
+
+def kfac_pi(Omega: Tensor, Gamma: Tensor) -> Tensor:
+    """``pi`` of Algorithm 5 line 19, as a 0-dim tensor.
+
+    ``pi^2 = trace(Omega (x) I_G) / trace(I_O (x) Gamma) = (d_G tr Omega) / (d_O tr Gamma)
+    = (tr(Omega) / d_O) / (tr(Gamma) / d_G)`` with ``d_O``, ``d_G`` the sizes of Omega and Gamma
+    (``trace(X (x) Y) = tr(X) tr(Y)``, ``tr(I_d) = d``). When either trace is not positive or the
+    ratio is not finite (e.g. factors that are still zero), ``pi = 1``: the damping is then split
+    evenly, ``sqrt(lambda)`` on each side.
+    """
+    tr_o = torch.diagonal(Omega).sum() / Omega.shape[0]
+    tr_g = torch.diagonal(Gamma).sum() / Gamma.shape[0]
+    ratio = tr_o / tr_g
+    ok = (tr_o > 0) & (tr_g > 0) & torch.isfinite(ratio)
+    one = torch.ones_like(ratio)
+    return torch.where(ok, torch.sqrt(torch.where(ok, ratio, one)), one)
+
+
+def _spd_inverse(M: Tensor, floor: Tensor) -> tuple[Tensor, bool]:
+    """Inverse of ``M = PSD + floor I`` by Cholesky; when the factorisation fails (the damping
+    ``floor`` below rounding level relative to the PSD part), by eigenvalues clamped to
+    ``floor``, their exact lower bound. Returns ``(inverse, used_the_fallback)``."""
+    L, info = torch.linalg.cholesky_ex(M)
+    if int(info) == 0:
+        return torch.cholesky_inverse(L), False
+    ev, V = torch.linalg.eigh(0.5 * (M + M.mT))
+    return (V / ev.clamp_min(floor)) @ V.mT, True
+
+
+def _damped_inverses(Omega: Tensor, Gamma: Tensor, damping: float
+                     ) -> tuple[Tensor, Tensor, Tensor, int]:
+    pi = kfac_pi(Omega, Gamma)
+    root = math.sqrt(damping)
+    eye_o = torch.eye(Omega.shape[0], dtype=Omega.dtype, device=Omega.device)
+    eye_g = torch.eye(Gamma.shape[0], dtype=Gamma.dtype, device=Gamma.device)
+    d_o, d_g = pi * root, root / pi
+    H_O, fo = _spd_inverse(Omega + d_o * eye_o, d_o)
+    H_G, fg = _spd_inverse(Gamma + d_g * eye_g, d_g)
+    return H_O, H_G, pi, int(fo) + int(fg)
+
+
+def damped_inverses(Omega: Tensor, Gamma: Tensor, damping: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Line 19 of Algorithm 5: ``(H_Omega, H_Gamma, pi)`` with
+    ``H_Omega = (Omega + pi sqrt(lambda) I)^-1`` and ``H_Gamma = (Gamma + sqrt(lambda) / pi I)^-1``
+    (``pi`` from :func:`kfac_pi`)."""
+    H_O, H_G, pi, _ = _damped_inverses(Omega, Gamma, damping)
+    return H_O, H_G, pi
+
+
+def _omega(helper: type[KroneckerHelper], module: nn.Module, x: Tensor, bias: bool) -> Tensor:
+    """``Omega = E_n[sum_t a_t a_t^T]`` (``a_t`` with a trailing 1 when ``bias``).
+
+    The same quantity as ``helper.A``, with the bias flag passed explicitly: inside the
+    optimizer's extra pass no parameter requires grad, so ``helper.has_bias`` (which reads
+    ``bias.requires_grad``) cannot tell. Conv2d patches are unfolded in chunks of samples.
+    """
+    m = x.shape[0]
+    if not helper.is_conv:
+        xf = x.reshape(-1, x.shape[-1])
+        if bias:
+            xf = torch.cat([xf, xf.new_ones(xf.shape[0], 1)], dim=1)
+        return (xf.mT @ xf) / m
+    geo = {"dilation": module.dilation, "padding": module.padding, "stride": module.stride}
+    n = module.weight[0].numel() + int(bias)
+    ho, wo = Conv2dHelper.out_size(module, x)
+    chunk = max(1, _UNFOLD_CHUNK // max(1, ho * wo * n))
+    out = x.new_zeros(n, n)
+    for i in range(0, m, chunk):
+        cols = F.unfold(x[i:i + chunk], module.kernel_size, **geo).transpose(1, 2)
+        if bias:
+            cols = torch.cat([cols, cols.new_ones(cols.shape[0], cols.shape[1], 1)], dim=2)
+        cols = cols.reshape(-1, n)
+        out.addmm_(cols.mT, cols)
+    return out / m
+
+
+def _gamma(helper: type[KroneckerHelper], g: Tensor, batch: int, reduction: str) -> Tensor:
+    """``Gamma = E_n[mean_t Dh_t Dh_t^T]`` from ``g = d(sampled loss)/dh``.
+
+    ``reduction="mean"``: ``Dh = m g``, so ``Gamma = m / |T| sum_{n,t} g g^T``;
+    ``"sum"``: ``Dh = g``, ``Gamma = 1 / (m |T|) sum_{n,t} g g^T``.
+    """
+    gf = g.movedim(1, -1) if helper.is_conv else g
+    gf = gf.reshape(-1, gf.shape[-1])
+    locs = max(1, gf.shape[0] // batch)
+    scale = batch / locs if reduction == "mean" else 1.0 / (batch * locs)
+    return (gf.mT @ gf) * scale
+
+
+# ---------------------------------------------------------------------------------------------
+# The optimizer
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _FactorRecord:
+    """Minibatch factors of one layer in one factor pass (``calls`` detects reuse)."""
+
+    calls: int = 0
+    batch: int = 0
+    locations: int = 0
+    Omega: Tensor | None = None
+    Gamma: Tensor | None = None
+    dummy: Tensor | None = None
+
+
+class KFAC(KroneckerOptimizer):
+    """KFAC as the paper implements it (Algorithm 5, Appendix D.1; spec section 5).
+
+    Args:
+        model: the ``nn.Module`` to train (or a ``DistributedDataParallel`` wrapping it). Every
+            ``nn.Linear`` / ``nn.Conv2d`` with a trainable weight is a Kronecker layer (same rules,
+            fallbacks and warnings as :class:`kbfgs.KBFGS`); every other trainable parameter
+            (BatchNorm, ...) is updated with its momentum gradient at the same learning rate
+            ``lr`` (Appendix D.1; not ``lr / damping`` as in K-BFGS).
+        lr: learning rate alpha (``param_groups[0]["lr"]`` is read every step).
+        damping: lambda of line 19 (``param_groups[0]["damping"]`` is read at each inversion).
+        momentum: ``buf = momentum * buf + grad`` (line 7; the paper uses 0.9).
+        stat_freq: T_1, the factors are updated at the steps k with ``k % stat_freq == 0``.
+        inv_freq: T_2, the inverses are recomputed at the steps k with ``k % inv_freq == 0``.
+        weight_decay: decoupled weight decay gamma: ``W -= lr * (p + gamma W)`` (Appendix D.3).
+        likelihood: the predictive distribution the targets of the factor pass are drawn from:
+            ``"categorical"`` (the model output are logits, classes on dim 1, as for
+            ``F.cross_entropy``), ``"bernoulli"`` (the output are logits of independent
+            Bernoulli variables, as for ``F.binary_cross_entropy_with_logits``) or
+            ``"gaussian"`` (the output is the mean of N(output, I), as for half the squared
+            error).
+        loss_reduction: ``"mean"`` (the closure returns the batch mean, ``Dh = m dL/dh``) or
+            ``"sum"`` (``Dh = dL/dh``); the sampled loss uses the same reduction.
+        beta: decay of the moving averages of Omega and Gamma (0.9).
+        seed: seeds the draws of the sampled targets (see :func:`sampling_seed`: the generator of
+            step k is seeded from ``(seed, "step", k, rank)``, so a resumed run is exact).
+        check_finite: skip a step whose loss or gradient is not finite (one host sync a step).
+
+    What the closure must provide: nothing beyond the usual closure of every optimizer in this
+    package (zero the gradients, run the forward pass, compute the batch-mean loss, call
+    ``backward``, return the loss). On a statistics step (``k % stat_freq == 0``) the optimizer
+    registers a forward pre-hook on the (unwrapped) model for the duration of the closure and
+    remembers, by reference, the positional and keyword arguments of the *first* call of the
+    model; after the update it calls the model again with these arguments (same random numbers
+    as the closure's pass, autocast as in the closure, no parameter gradients, module buffers
+    restored), draws targets from the output and back-propagates the sampled loss. The
+    references are dropped at the end of the step; the closure must not modify its inputs in
+    place after the forward pass. Hence the closure must call the model (the module given here)
+    itself, and the model's output must be a single tensor holding the logits (categorical,
+    bernoulli) or the mean (gaussian) of the chosen likelihood. A closure that never calls the
+    model raises RuntimeError and a non-tensor output raises TypeError, both before any state
+    changes. The sampled loss is ``F.cross_entropy`` (categorical), BCE with logits summed
+    over the non-batch dims (bernoulli) or ``0.5 ||output - y||^2`` summed over the non-batch
+    dims (gaussian), batch mean (or sum for ``loss_reduction="sum"``); see
+    :func:`sample_targets` and :func:`sampled_loss`.
+
+    Damping split (line 19, :func:`damped_inverses`): with ``d_O``, ``d_G`` the sizes of Omega
+    and Gamma, ``trace(Omega (x) I_G) = d_G tr(Omega)`` and ``trace(I_O (x) Gamma) = d_O tr(Gamma)``,
+    so ``pi = sqrt((tr(Omega) / d_O) / (tr(Gamma) / d_G))``; ``pi = 1`` when a trace is not
+    positive or the ratio is not finite. ``H_Omega = (Omega + pi sqrt(lambda) I)^-1`` and
+    ``H_Gamma = (Gamma + sqrt(lambda) / pi I)^-1`` (Cholesky; eigenvalues as a fallback, counted
+    in ``stats()`` as ``inv_fallbacks``).
+    A minibatch factor that is not finite leaves the averages unchanged (``skipped_stats``).
+
+    Under ``DistributedDataParallel`` the minibatch factors are averaged across ranks (and the
+    warm-start sums added), and the sampling seed includes the rank.
+
+    Initial state: ``warm_start(inputs)`` computes Omega and Gamma as averages over all samples
+    of the given batches (sampled targets, generator from ``(seed, "warm", batch index)``) and
+    the inverses from them (line 2). Without a warm start, ``H_Omega = H_Gamma = I / sqrt(lambda)``
+    (the line-19 inverses of zero factors with ``pi = 1``) until the first inversion, and the
+    first statistics pass *sets* Omega and Gamma to its minibatch factors (a warm start from that
+    minibatch) instead of averaging them with zeros; later passes use the moving average.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float,
+        damping: float,
+        momentum: float = 0.9,
+        stat_freq: int = 1,
+        inv_freq: int = 20,
+        weight_decay: float = 0.0,
+        likelihood: str = "categorical",
+        *,
+        loss_reduction: str = "mean",
+        beta: float = 0.9,
+        seed: int = 0,
+        check_finite: bool = True,
+    ) -> None:
+        if not _is_int_at_least(inv_freq, 1):
+            raise ValueError(f"inv_freq must be an integer >= 1, got {inv_freq!r}")
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {', '.join(map(repr, LIKELIHOODS))}, "
+                             f"got {likelihood!r}")
+        if not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
+            raise ValueError(f"beta must be in [0, 1), got {beta!r}")
+        if not _is_int_at_least(seed, None):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        self.inv_freq = int(inv_freq)  # type: ignore[arg-type]
+        self.likelihood = likelihood
+        self.beta = float(beta)
+        self.seed = int(seed)
+        super().__init__(
+            model,
+            {"lr": lr, "damping": damping, "momentum": momentum, "weight_decay": weight_decay},
+            update_freq=stat_freq,
+            update_freq_name="stat_freq",
+            loss_reduction=loss_reduction,
+            check_finite=check_finite,
+        )
+        self.inverse_updates = 0
+
+    @property
+    def stat_freq(self) -> int:
+        return self.update_freq
+
+    # ------------------------------------------------------------------ step
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """One iteration of Algorithm 5; returns the loss of the closure.
+
+        ``closure()`` (zero grads, forward, batch-mean loss, backward, return loss) runs once.
+        Then: non-finite check (the step is skipped with the state unchanged), momentum and the
+        preconditioned update (lines 7-9); if ``k % stat_freq == 0`` the factor pass at the new
+        parameters on the same inputs with sampled targets and the moving averages (lines
+        11-16); if ``k % inv_freq == 0`` the damped inverses (lines 17-21).
+        """
+        closure = self._require_closure(closure)
+        k = self.steps + 1
+        do_stats = k % self.update_freq == 0
+        do_inv = k % self.inv_freq == 0
+        first = any(layer.name not in self.layer_state for layer in self.layers)
+        inner = unwrap_model(self.model)
+        call: dict[str, Any] = {}
+        handle: tuple | None = None
+        if do_stats and self.layers:
+            self._save_rng()
+            handle = (inner.register_forward_pre_hook(_input_recorder(call), with_kwargs=True),
+                      inner.register_forward_hook(_output_checker(call)))
+        t0 = time.perf_counter()
+        try:
+            with (self.capture.record("probe") if first else contextlib.nullcontext({})) as pre:
+                loss = closure()
+        finally:
+            if handle is not None:
+                for h in handle:
+                    h.remove()
+        self.times["forward_backward"] += time.perf_counter() - t0
+        if self.check_finite and not self._all_finite(loss):
+            return self._skip_step(loss)
+        if handle is not None and "args" not in call:
+            raise RuntimeError(
+                f"KFAC samples its targets from the output of the model given to the optimizer "
+                f"({type(inner).__name__}), but the closure did not call it; the closure must "
+                "run the forward pass through that model (the step was not taken)")
+        if handle is not None and call.get("output") is not None:
+            raise _output_type_error(call["output"] + "; the step was not taken")
+        self._check_records(pre)
+        for layer in self.layers:
+            rec = pre.get(layer.name)
+            if layer.name not in self.layer_state and rec is not None and rec.calls == 1:
+                self._init_layer(layer, rec.locations)
+        self._apply_update()
+        self.steps = k
+        if do_stats and self.layers:
+            t1 = time.perf_counter()
+            bias = self._bias_flags()
+            with self._extra_pass(), _autocast(call["autocast"]):
+                records = self._factor_pass(lambda: inner(*call["args"], **call["kwargs"]),
+                                            "step", k, bias)
+            call.clear()
+            self.times["stats_pass"] += time.perf_counter() - t1
+            t2 = time.perf_counter()
+            self._update_factors(records)
+            self.times["factors"] += time.perf_counter() - t2
+        if do_inv and self.layers:
+            t3 = time.perf_counter()
+            self._update_inverses()
+            self.times["inverse"] += time.perf_counter() - t3
+        return loss
+
+    # ------------------------------------------------------------------ factor pass
+    def _rank(self) -> int:
+        if self._distributed():
+            return torch.distributed.get_rank()
+        return 0
+
+    def _distributed(self) -> bool:
+        from torch.nn.parallel import DistributedDataParallel
+
+        return (isinstance(self.model, DistributedDataParallel)
+                and torch.distributed.is_available() and torch.distributed.is_initialized())
+
+    def _factor_pass(self, run: Callable[[], Any], stream: str, index: int,
+                     bias: dict[str, bool]) -> dict[str, _FactorRecord]:
+        """Run ``run()`` (a forward pass of the model) with factor hooks, draw targets from its
+        output, back-propagate the sampled loss; returns the minibatch factors per layer.
+
+        Every Kronecker layer output ``h`` is replaced by ``h + z`` with ``z`` a zero scalar
+        leaf that requires grad: the pass then builds a graph even though no parameter requires
+        grad, and ``torch.autograd.grad(loss, [z...])`` reaches every ``h`` without writing any
+        ``.grad``. The tensor hook is registered on ``h + z`` before any in-place op that may
+        follow (e.g. ``ReLU(inplace=True)``) and so receives ``dL/dh`` itself. ``bias`` says
+        which layers have a trainable bias (read before the parameters' flags were turned off).
+        """
+        records = {layer.name: _FactorRecord() for layer in self.layers}
+        handles = [layer.module.register_forward_hook(
+            self._factor_hook(layer, records[layer.name], bias[layer.name]))
+            for layer in self.layers]
+        try:
+            with torch.enable_grad():
+                out = run()
+                if not isinstance(out, Tensor):
+                    raise _output_type_error(type(out).__name__)
+                gen = torch.Generator(device=out.device)
+                gen.manual_seed(sampling_seed(self.seed, stream, index, self._rank()))
+                target = sample_targets(out, self.likelihood, gen)
+                loss = sampled_loss(out, target, self.likelihood, self.loss_reduction)
+                dummies = [r.dummy for r in records.values() if r.dummy is not None]
+                if dummies:
+                    torch.autograd.grad(loss, dummies, allow_unused=True)
+        finally:
+            for h in handles:
+                h.remove()
+            for r in records.values():
+                r.dummy = None
+        return records
+
+    def _factor_hook(self, layer: KroneckerLayer, rec: _FactorRecord, bias: bool):
+        helper = layer.helper
+        reduction = self.loss_reduction
+
+        def hook(module: nn.Module, inputs: tuple, output: Tensor):
+            t0 = time.perf_counter()
+            rec.calls += 1
+            if rec.calls > 1:  # reuse: demoted by the optimizer, nothing recorded
+                return None
+            dtype = self._curvature_dtype(module)
+            x = inputs[0]
+            rec.batch = helper.batch_size(x)
+            rec.locations = helper.locations(module, output)
+            with torch.autocast(x.device.type, enabled=False):  # curvature in float32/64
+                rec.Omega = _omega(helper, module, x.detach().to(dtype), bias)
+            dummy = torch.zeros((), dtype=output.dtype, device=output.device, requires_grad=True)
+            rec.dummy = dummy
+            out = output + dummy
+            batch = rec.batch
+
+            def grad_hook(g: Tensor) -> None:
+                t1 = time.perf_counter()
+                with torch.autocast(g.device.type, enabled=False):
+                    rec.Gamma = _gamma(helper, g.detach().to(dtype), batch, reduction)
+                self.capture.hook_seconds += time.perf_counter() - t1
+
+            out.register_hook(grad_hook)
+            self.capture.hook_seconds += time.perf_counter() - t0
+            return out
+
+        return hook
+
+    def _bias_flags(self) -> dict[str, bool]:
+        return {ly.name: ly.helper.has_bias(ly.module) for ly in self.layers}
+
+    def _reduce_across_ranks(self, tensors: list[Tensor], op: str) -> None:
+        """In-place mean (``op="avg"``) or sum over ranks of a DDP model (no-op otherwise)."""
+        if not tensors or not self._distributed():
+            return
+        dist = torch.distributed
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        if op == "avg":
+            flat /= dist.get_world_size()
+        offset = 0
+        for t in tensors:
+            n = t.numel()
+            t.copy_(flat[offset:offset + n].view_as(t))
+            offset += n
+
+    @torch.no_grad()
+    def _update_factors(self, records: dict[str, _FactorRecord]) -> None:
+        """Line 14: moving averages, kept unchanged for a layer whose minibatch factors are not
+        finite (counted in ``skipped_stats``)."""
+        self._check_records(records)
+        todo = []
+        for layer in self.layers:
+            r, st = records.get(layer.name), self.layer_state.get(layer.name)
+            if st is None or r is None or r.calls != 1 or r.Omega is None or r.Gamma is None:
+                continue
+            todo.append((st, r))
+        if not todo:
+            return
+        self._reduce_across_ranks([t for _, r in todo for t in (r.Omega, r.Gamma)], "avg")
+        oks = torch.stack([torch.isfinite(r.Omega).all() & torch.isfinite(r.Gamma).all()
+                           for _, r in todo]).tolist()
+        b = self.beta
+        for (st, r), ok in zip(todo, oks):
+            if not ok:
+                st["skipped_stats"] += 1
+                continue
+            if st["stat_updates"] == 0 and not st["warm"]:
+                st["Omega"] = r.Omega.clone()
+                st["Gamma"] = r.Gamma.clone()
+            else:  # beta X + (1 - beta) X_mb in one pass
+                st["Omega"].lerp_(r.Omega, 1.0 - b)
+                st["Gamma"].lerp_(r.Gamma, 1.0 - b)
+            st["stat_updates"] += 1
+            st["locations"] = r.locations
+        self.curvature_updates += 1
+
+    @torch.no_grad()
+    def _update_inverses(self) -> None:
+        """Lines 17-21 for every layer with state (the damping is read now)."""
+        damping = self.param_groups[0]["damping"]
+        for layer in self.layers:
+            st = self.layer_state.get(layer.name)
+            if st is None:
+                continue
+            self._invert(st, damping)
+        self.inverse_updates += 1
+
+    @staticmethod
+    def _invert(st: dict, damping: float) -> None:
+        H_O, H_G, pi, fallbacks = _damped_inverses(st["Omega"], st["Gamma"], damping)
+        st["H_Omega"], st["H_Gamma"], st["pi"] = H_O, H_G, pi
+        st["inv_updates"] += 1
+        st["inv_fallbacks"] = st.get("inv_fallbacks", 0) + fallbacks
+
+    # ------------------------------------------------------------------ layer state
+    def _init_layer(self, layer: KroneckerLayer, locations: int, A0: Tensor | None = None) -> dict:
+        rows, cols = layer.helper.dims(layer.module)
+        dtype, device = self._curvature_dtype(layer.module), layer.module.weight.device
+        root = math.sqrt(self.param_groups[0]["damping"])
+        st = self.layer_state.get(layer.name)
+        if st is None:
+            st = {
+                "locations": locations,
+                "buf": torch.zeros(rows, cols, dtype=layer.module.weight.dtype, device=device),
+                "Omega": torch.zeros(cols, cols, dtype=dtype, device=device),
+                "Gamma": torch.zeros(rows, rows, dtype=dtype, device=device),
+                "H_Omega": torch.eye(cols, dtype=dtype, device=device) / root,
+                "H_Gamma": torch.eye(rows, dtype=dtype, device=device) / root,
+                "pi": torch.ones((), dtype=dtype, device=device),
+                "stat_updates": 0,
+                "inv_updates": 0,
+                "skipped_stats": 0,
+                "warm": 0,
+                "inv_fallbacks": 0,
+            }
+            self.layer_state[layer.name] = st
+        st["locations"] = locations
+        return st
+
+    def _precondition(self, layer: KroneckerLayer, st: dict) -> Tensor:
+        buf = st["buf"]
+        if buf.dtype != st["H_Omega"].dtype:
+            buf = buf.to(st["H_Omega"].dtype)
+        return st["H_Gamma"] @ (buf @ st["H_Omega"])
+
+    # ------------------------------------------------------------------ warm start
+    def warm_start(self, inputs: Iterable[Any]) -> None:
+        """Line 2: Omega and Gamma from data, then the line-19 inverses.
+
+        ``inputs`` is an iterable of input batches: tensors, or tuples/lists whose first element
+        is the input (e.g. a DataLoader of ``(x, y)``; the labels are not used: the targets are
+        sampled from the model). Each batch runs forward (in the model's current mode) and
+        backward with sampled targets, without parameter gradients; Omega and Gamma are the
+        averages over all samples; module buffers (BatchNorm running statistics) are restored.
+        """
+        t0 = time.perf_counter()
+        inner = unwrap_model(self.model)
+        buffers = [(b, b.clone()) for b in inner.buffers()]
+        bias = self._bias_flags()
+        sums: dict[str, list[Tensor]] = {}
+        count: dict[str, int] = defaultdict(int)
+        locations: dict[str, int] = {}
+        device = next(iter(self.param_groups[0]["params"])).device
+        try:
+            for i, batch in enumerate(inputs):
+                x = batch[0] if isinstance(batch, (tuple, list)) else batch
+                if not isinstance(x, Tensor):
+                    raise TypeError("warm_start expects an iterable of tensors or (input, ...) "
+                                    f"tuples, got an element of type {type(x).__name__}")
+                x = x.to(device)
+                records = self._factor_pass(lambda x=x: inner(x), "warm", i, bias)
+                self._check_records(records)
+                for name, r in records.items():
+                    if r.calls != 1 or r.Omega is None or r.Gamma is None:
+                        continue
+                    if name in sums:
+                        sums[name][0].add_(r.Omega, alpha=r.batch)
+                        sums[name][1].add_(r.Gamma, alpha=r.batch)
+                    else:
+                        sums[name] = [r.Omega * r.batch, r.Gamma * r.batch]
+                    count[name] += r.batch
+                    locations[name] = r.locations
+        finally:
+            with torch.no_grad():
+                for b, saved in buffers:
+                    b.copy_(saved)
+        if not sums:
+            raise ValueError("warm_start received no input batches (or no Kronecker layer ran)")
+        names = [ly.name for ly in self.layers if ly.name in sums]
+        counts = torch.tensor([float(count[n]) for n in names], dtype=torch.float64, device=device)
+        self._reduce_across_ranks([t for n in names for t in sums[n]] + [counts], "sum")
+        damping = self.param_groups[0]["damping"]
+        with torch.no_grad():
+            for layer, c in zip([ly for ly in self.layers if ly.name in sums], counts.tolist()):
+                Omega, Gamma = (t / c for t in sums[layer.name])
+                if not (torch.isfinite(Omega).all() and torch.isfinite(Gamma).all()):
+                    raise ValueError(f"warm_start: non-finite Omega or Gamma for layer "
+                                     f"'{layer.name}' (check the inputs and the model output)")
+                st = self._init_layer(layer, locations[layer.name])
+                st["Omega"], st["Gamma"] = Omega, Gamma
+                st["warm"] = 1
+                self._invert(st, damping)
+        self.warm_started = True
+        self.times["warm_start"] += time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ state / diagnostics
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["kronecker"]["kfac"] = {"seed": self.seed, "inverse_updates": self.inverse_updates}
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        extra = state_dict.get("kronecker", {}).get("kfac") if isinstance(state_dict, dict) else None
+        super().load_state_dict(state_dict)
+        if extra is not None:
+            self.seed = int(extra["seed"])
+            self.inverse_updates = int(extra["inverse_updates"])
+
+    def stats(self, condition: bool = True) -> dict[str, Any]:
+        out = super().stats(condition)
+        out["inverse_updates"] = self.inverse_updates
+        return out
+
+    def _layer_stats(self, layer: KroneckerLayer, st: dict, condition: bool) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "pi": float(st["pi"]),
+            "stat_updates": int(st["stat_updates"]),
+            "inv_updates": int(st["inv_updates"]),
+            "skipped_stats": int(st["skipped_stats"]),
+            "inv_fallbacks": int(st.get("inv_fallbacks", 0)),
+        }
+        if condition:
+            out["cond_H_Omega"] = _cond(st["H_Omega"])
+            out["cond_H_Gamma"] = _cond(st["H_Gamma"])
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _cond(H: Tensor) -> float:
+    ev = torch.linalg.eigvalsh(H.double())
+    lo = float(ev[0])
+    return float("inf") if lo <= 0 else float(ev[-1]) / lo
+
+
+def _is_int_at_least(value: Any, low: int | None) -> bool:
+    if isinstance(value, bool):
+        return False
+    try:
+        ok = int(value) == value
+    except (TypeError, ValueError, OverflowError):
+        return False
+    return ok and (low is None or value >= low)
+
+
+def _autocast_state() -> list[tuple[str, torch.dtype]]:
+    """The autocast settings in force, as ``[(device_type, dtype)]``."""
+    state = []
+    for dev in ("cuda", "cpu"):
+        try:
+            on = torch.is_autocast_enabled(dev)
+            dtype = torch.get_autocast_dtype(dev)
+        except (TypeError, AttributeError):  # torch < 2.4
+            if dev == "cuda":
+                on, dtype = torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
+            else:
+                on, dtype = torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
+        if on:
+            state.append((dev, dtype))
+    return state
+
+
+class _autocast:
+    """Re-enter the autocast settings recorded during the closure's forward pass."""
+
+    def __init__(self, state: list[tuple[str, torch.dtype]]) -> None:
+        self.ctxs = [torch.autocast(dev, dtype=dt) for dev, dt in state]
+
+    def __enter__(self) -> None:
+        for c in self.ctxs:
+            c.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        for c in reversed(self.ctxs):
+            c.__exit__(*exc)
+
+
+def _output_type_error(got: str) -> TypeError:
+    return TypeError(
+        "KFAC draws the targets of its Gamma pass from the model output, so the model must "
+        "return a single tensor: the logits (likelihood 'categorical' with classes on dim 1, or "
+        "'bernoulli') or the mean ('gaussian') of the predictive distribution; got " + got)
+
+
+def _output_checker(call: dict[str, Any]):
+    """Forward hook: notes, for the first call, whether the model output is a tensor."""
+
+    def hook(module: nn.Module, args: tuple, output: Any) -> None:
+        if "output" not in call:
+            call["output"] = None if isinstance(output, Tensor) else type(output).__name__
+
+    return hook
+
+
+def _input_recorder(call: dict[str, Any]):
+    """Forward pre-hook (``with_kwargs=True``) that remembers the first call's arguments."""
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if "args" not in call:
+            call["args"], call["kwargs"] = args, dict(kwargs)
+            call["autocast"] = _autocast_state()
+
+    return hook
