@@ -51,6 +51,8 @@ class LayerRecord:
     A: Optional[Tensor] = None
     h_bar: Optional[Tensor] = None
     Dh_bar: Optional[Tensor] = None
+    #: the layer input, kept from the hook to ``Capture.finish_A_s`` (``defer_A_s`` only)
+    pending_x: Optional[Tensor] = None
 
 
 @dataclass
@@ -70,22 +72,45 @@ class Capture:
         s_A_fn: Optional[Callable[[str, LayerRecord], Optional[Tensor]]] = None,
         need_A: bool = False,
         make_output_require_grad: bool = False,
+        defer_A_s: bool = False,
     ) -> Iterator[dict[str, LayerRecord]]:
-        """Register hooks for one pass; yields ``{layer name: LayerRecord}`` filled by the pass."""
+        """Register hooks for one pass; yields ``{layer name: LayerRecord}`` filled by the pass.
+
+        ``defer_A_s`` (distributed K-BFGS): the ``"pre"`` hook keeps a reference to the layer
+        input in ``pending_x`` instead of forming ``s_A`` and ``A s_A``; ``finish_A_s`` forms
+        them later (after ``a_bar`` was averaged across ranks) and drops the reference."""
         records = {layer.name: LayerRecord() for layer in self.layers}
         handles = []
         try:
             for layer in self.layers:
                 hook = self._forward_hook(layer, records[layer.name], mode, s_A_fn, need_A,
-                                          make_output_require_grad)
+                                          make_output_require_grad, defer_A_s)
                 handles.append(layer.module.register_forward_hook(hook))
             yield records
         finally:
             for h in handles:
                 h.remove()
 
+    def finish_A_s(self, records: dict[str, LayerRecord],
+                   s_A_fn: Callable[[str, LayerRecord], Optional[Tensor]]) -> None:
+        """``s_A = s_A_fn(name, record)`` and ``A s_A`` for every record holding ``pending_x``
+        (then dropped), as the ``"pre"`` hook would have formed them."""
+        t0 = time.perf_counter()
+        for layer in self.layers:
+            rec = records.get(layer.name)
+            if rec is None or rec.pending_x is None:
+                continue
+            x, rec.pending_x = rec.pending_x, None
+            rec.s_A = s_A_fn(layer.name, rec)
+            if rec.s_A is not None:
+                rec.A_s = layer.helper.A_s(layer.module, x.to(self.dtype_fn(layer.module)),
+                                           rec.s_A)
+            del x
+        self.hook_seconds += time.perf_counter() - t0
+
     def _forward_hook(self, layer: KroneckerLayer, rec: LayerRecord, mode: str,
-                      s_A_fn, need_A: bool, make_output_require_grad: bool):
+                      s_A_fn, need_A: bool, make_output_require_grad: bool,
+                      defer_A_s: bool = False):
         helper = layer.helper
         reduction = self.reduction
 
@@ -107,7 +132,9 @@ class Capture:
                 return None
             if mode == "pre":
                 rec.a_bar = helper.a_bar(module, x)
-                if s_A_fn is not None:
+                if defer_A_s and s_A_fn is not None:
+                    rec.pending_x = inputs[0].detach()
+                elif s_A_fn is not None:
                     rec.s_A = s_A_fn(layer.name, rec)
                     if rec.s_A is not None:
                         rec.A_s = helper.A_s(module, x, rec.s_A)

@@ -230,19 +230,24 @@ def _spec_kw(args: argparse.Namespace, problem: Any) -> dict[str, Any]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from .. import distributed
     from .problems import get_problem
     from .runner import make_spec, resolve_hps, run
 
     problem = get_problem(args.problem)
     hps = resolve_hps(problem, args.method, _overrides(args))
     kw = _spec_kw(args, problem)
-    print(f"{problem.name} / {args.method}: {hps}; "
-          + (f"{kw['time_budget']:g} s process time" if kw["time_budget"] is not None
-             else f"{kw['epochs']:g} epochs, lr decay {kw['lr_decay']}")
-          + f"; seeds {args.seeds}; device {kw['device']}", flush=True)
-    for seed in args.seeds:
-        spec = make_spec(problem, args.method, hps, seed, **kw)
-        run(spec, args.out, progress=not args.no_progress, force=args.force)
+    # under torchrun (WORLD_SIZE > 1): process group from the environment, rank 0 reports
+    with distributed.launch(kw["device"]) as world:
+        if distributed.is_main_process():
+            print(f"{problem.name} / {args.method}: {hps}; "
+                  + (f"{kw['time_budget']:g} s process time" if kw["time_budget"] is not None
+                     else f"{kw['epochs']:g} epochs, lr decay {kw['lr_decay']}")
+                  + f"; seeds {args.seeds}; device {kw['device']}"
+                  + (f"; {world} processes" if world > 1 else ""), flush=True)
+        for seed in args.seeds:
+            spec = make_spec(problem, args.method, hps, seed, **kw)
+            run(spec, args.out, progress=not args.no_progress, force=args.force)
     return 0
 
 

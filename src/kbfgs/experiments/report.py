@@ -347,6 +347,23 @@ def mean_band(curves: Sequence[tuple[np.ndarray, np.ndarray]], points: int = 200
     return grid, mean, std / np.sqrt(n)
 
 
+def _zoom(ax: Any) -> None:
+    """Show the end of the race: the y range from the lowest value to twice the spread of the
+    final values above it (the first steps from the initial loss are clipped)."""
+    ys = [np.asarray(ln.get_ydata(), dtype=float) for ln in ax.get_lines()]
+    ys = [y[np.isfinite(y)] for y in ys]
+    ys = [y for y in ys if len(y)]
+    if not ys:
+        return
+    lo = min(float(y.min()) for y in ys)
+    hi = max(float(y.max()) for y in ys)
+    last = max(float(y[-1]) for y in ys)
+    spread = max(last - lo, 0.02 * abs(lo), 1e-12)
+    top = min(hi, last + 1.5 * spread)
+    if top > lo:
+        ax.set_ylim(lo - 0.05 * spread, top)
+
+
 def plot_problem(problem: str, best: dict[tuple[str, str], Group], path: str | Path) -> None:
     """Figure like Figures 1-7: loss (and validation error) vs epochs and vs process time."""
     import matplotlib
@@ -377,15 +394,9 @@ def plot_problem(problem: str, best: dict[tuple[str, str], Group], path: str | P
                 ax.fill_between(x, m - s, m + s, color=color, alpha=0.25, linewidth=0)
                 ax.set_xlabel(xlabel)
                 ax.set_ylabel(label)
-    for ri, (key, *_rest) in enumerate(rows):
-        for cj in range(2):
-            ax = axes[ri][cj]
-            if key == "train_loss":
-                ys = [np.asarray(ln.get_ydata(), dtype=float) for ln in ax.get_lines()]
-                lo = min((float(np.nanmin(y)) for y in ys if len(y)), default=0.0)
-                hi = max((float(np.nanmax(y)) for y in ys if len(y)), default=0.0)
-                if lo > 0 and hi / lo > 10:
-                    ax.set_yscale("log")
+    for row in axes:
+        for ax in row:
+            _zoom(ax)
             ax.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.suptitle(f"{problem}: mean over seeds, band \u00b1 std/sqrt(n)")

@@ -32,6 +32,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from .. import distributed
 from .problems import (
     METHOD_FACTORY,
     METHOD_HPS,
@@ -157,13 +158,17 @@ def resolve_hps(problem: Problem, method: str, overrides: dict[str, Any] | None 
 # --------------------------------------------------------------------------------------------
 
 
-def make_method_optimizer(method: str, model: nn.Module, hps: dict[str, Any]
-                          ) -> torch.optim.Optimizer:
-    """The optimizer of ``method`` with ``hps`` (via ``kbfgs.make_optimizer``)."""
+def make_method_optimizer(method: str, model: nn.Module, hps: dict[str, Any],
+                          seed: int | None = None) -> torch.optim.Optimizer:
+    """The optimizer of ``method`` with ``hps`` (via ``kbfgs.make_optimizer``).
+
+    ``seed`` seeds KFAC's sampled targets (so that seeds differ there too).
+    """
     from ..optim.factory import make_optimizer
 
     check_method(method)
-    return make_optimizer(METHOD_FACTORY[method], model, **hps)
+    extra = {"seed": seed} if method == "kfac" and seed is not None else {}
+    return make_optimizer(METHOD_FACTORY[method], model, **hps, **extra)
 
 
 # --------------------------------------------------------------------------------------------
@@ -320,6 +325,7 @@ def environment(device: str) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "git": git_info(),
         "argv": list(sys.argv),
+        "world_size": distributed.world_size(),
     }
     return env
 
@@ -409,7 +415,7 @@ class _Clock:
 
 def _is_main_process() -> bool:
     """Whether this process logs and writes results (the single place for rank checks)."""
-    return True
+    return distributed.is_main_process()
 
 
 def _epoch_order(n: int, generator: torch.Generator) -> Tensor:
@@ -418,8 +424,16 @@ def _epoch_order(n: int, generator: torch.Generator) -> Tensor:
 
 
 @torch.no_grad()
-def _all_params_finite(model: nn.Module) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+def _blown_up(model: nn.Module, x: Tensor) -> bool:
+    """Whether ``model`` has a non-finite parameter or gives a non-finite output on ``x``."""
+    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        return True
+    was_training = model.training
+    model.eval()
+    try:
+        return not bool(torch.isfinite(model(x)).all())
+    finally:
+        model.train(was_training)
 
 
 def _warm_batches(x: Tensor, batch: int) -> Iterator[Tensor]:
@@ -440,7 +454,21 @@ def _progress(total: float, desc: str, unit: str, enabled: bool) -> Any:
 
 def train(spec: RunSpec, progress: bool = True,
           on_log: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Train one run as ``spec`` says and return its result record (not written)."""
+    """Train one run as ``spec`` says and return its result record (not written).
+
+    ``spec.threads`` sets ``torch.set_num_threads`` for the run only.
+    """
+    threads = torch.get_num_threads()
+    try:
+        if spec.threads is not None:
+            torch.set_num_threads(spec.threads)
+        return _train(spec, progress, on_log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(spec: RunSpec, progress: bool,
+           on_log: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
     problem = get_problem(spec.problem)
     check_method(spec.method)
     if (spec.time_budget is None) == (spec.epochs is None):
@@ -452,8 +480,6 @@ def train(spec: RunSpec, progress: bool = True,
     device = torch.device(spec.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but torch.cuda.is_available() is False")
-    if spec.threads is not None:
-        torch.set_num_threads(spec.threads)
 
     data = load_problem_data(problem, spec.data_dir, spec.subset, spec.device)
     n = data.x_train.shape[0]
@@ -482,7 +508,8 @@ def train(spec: RunSpec, progress: bool = True,
         torch.cuda.manual_seed_all(spec.seed)
     model = problem.build_model().to(device)
     model.train()
-    opt = make_method_optimizer(spec.method, model, spec.hps)
+    train_model = distributed.prepare_model(model, device, seed=spec.seed)  # DDP if torchrun
+    opt = make_method_optimizer(spec.method, train_model, spec.hps, seed=spec.seed)
     base_lrs = [g["lr"] for g in opt.param_groups]
     crit = loss_fn(problem.loss)
     g_order = torch.Generator().manual_seed(spec.seed)
@@ -516,7 +543,7 @@ def train(spec: RunSpec, progress: bool = True,
     warm_time = 0.0
     if spec.warm_start and hasattr(opt, "warm_start"):
         p0 = time.process_time()
-        opt.warm_start(_warm_batches(data.x_train, batch))
+        opt.warm_start(_warm_batches(distributed.shard_dataset(data.x_train), batch))
         warm_time = time.process_time() - p0
 
     clock = _Clock()
@@ -587,7 +614,7 @@ def train(spec: RunSpec, progress: bool = True,
         return it >= (total_iters or 0)
 
     try:
-        while not done():
+        while not distributed.agree(done()):  # rank 0 decides (process times differ)
             epoch, pos = divmod(it, iters_per_epoch)
             if pos == 0 and it > 0:
                 order = _epoch_order(n, g_order)
@@ -606,10 +633,11 @@ def train(spec: RunSpec, progress: bool = True,
                 xb = augment_crop_flip(xb, g_aug, padding=4,
                                        fill=data.fill if data.fill is not None else 0.0)
             target = _targets(problem, xb, yb)
+            xb, target = distributed.shard(xb), distributed.shard(target)  # this rank's part
 
             def closure(xb: Tensor = xb, target: Tensor = target) -> Tensor:
                 opt.zero_grad(set_to_none=True)
-                loss = crit(model(xb), target)
+                loss = crit(train_model(xb), target)
                 loss.backward()
                 return loss
 
@@ -618,10 +646,10 @@ def train(spec: RunSpec, progress: bool = True,
                 lv = float(loss.detach() if isinstance(loss, Tensor) else loss)  # syncs
             except RuntimeError as e:
                 clock.stop()
-                if _all_params_finite(model):
+                if not _blown_up(model, xb):
                     raise
-                # The model blew up (non-finite parameters) and the optimizer raised on it
-                # (e.g. sampling targets from NaN outputs): the run diverged.
+                # The model blew up (non-finite parameters or outputs) and the optimizer
+                # raised on it (e.g. sampling targets from NaN outputs): the run diverged.
                 diverged = True
                 error = f"{type(e).__name__}: {e}"
                 break
@@ -706,8 +734,9 @@ def run(spec: RunSpec, out_dir: str | os.PathLike, progress: bool = True,
     Returns (result, ran): ``ran`` is False when the result was already there.
     """
     path = result_path(out_dir, spec)
+    echo = echo if _is_main_process() else (lambda _msg: None)
     if not force:
-        existing = load_result(path)
+        existing = distributed.broadcast_object(load_result(path))
         if existing is not None:
             echo(f"skip (already finished): {path}")
             return existing, False

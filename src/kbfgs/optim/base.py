@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 import torch
 from torch import Tensor, nn
 
+from .. import distributed
 from ..capture import Capture, KroneckerLayer, LayerRecord
 from ..layers import helper_for, unsupported_reason
 
@@ -134,7 +135,9 @@ class KroneckerOptimizer(torch.optim.Optimizer):
         if not vals:
             return True
         dev = vals[0].device
-        return bool(torch.isfinite(torch.cat([v.to(dev) for v in vals])).all())
+        ok = bool(torch.isfinite(torch.cat([v.to(dev) for v in vals])).all())
+        # a loss is local to a rank: every rank must take the same skip decision
+        return distributed.all_true(ok, distributed.process_group(self.model), dev)
 
     def _skip_step(self, loss: Any) -> Any:
         self.skipped_steps += 1
@@ -253,6 +256,8 @@ class KroneckerOptimizer(torch.optim.Optimizer):
         finally:
             for b, saved in buffers:
                 b.copy_(saved)
+        distributed.reduce_warm_start(self.layers, sums, count, locations, self._curvature_dtype,
+                                      distributed.process_group(self.model))
         if not sums:
             raise ValueError("warm_start received no input batches (or no Kronecker layer ran)")
         for layer in self.layers:

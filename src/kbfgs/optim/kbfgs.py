@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from torch import Tensor, nn
 
-from .. import linalg
+from .. import distributed, linalg
 from ..capture import Capture, KroneckerLayer, LayerRecord
 from .base import KroneckerOptimizer
 
@@ -120,16 +120,19 @@ class KBFGS(KroneckerOptimizer):
         curvature = k % self.update_freq == 0
         first = any(layer.name not in self.layer_state for layer in self.layers)
         t0 = time.perf_counter()
+        group = distributed.process_group(self.model) if curvature else None
         if curvature:
             self._save_rng()
             ctx = self.capture.record("pre", s_A_fn=self._s_A_by_name,
-                                      need_A=self._needs_explicit_A())
+                                      need_A=self._needs_explicit_A(),
+                                      defer_A_s=group is not None)
         elif first:
             ctx = self.capture.record("probe")
         else:
             ctx = contextlib.nullcontext({})
         known = set(self.layer_state)
-        with ctx as pre:
+        with ctx as pre, distributed.exact_A_s(self.model, pre, self.capture,
+                                               self._s_A_by_name, group):
             loss = closure()
         self.times["forward_backward"] += time.perf_counter() - t0
         if self.check_finite and not self._all_finite(loss):
@@ -152,6 +155,7 @@ class KBFGS(KroneckerOptimizer):
             t2 = time.perf_counter()
             self.times["extra_pass"] += t2 - t1
             with torch.no_grad():
+                distributed.reduce_curvature(pre, post, group)
                 self._curvature_update(pre, post)
             self.curvature_updates += 1
             self.times["curvature"] += time.perf_counter() - t2

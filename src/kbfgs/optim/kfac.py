@@ -33,7 +33,15 @@ from ..capture import KroneckerLayer
 from ..layers import _UNFOLD_CHUNK, Conv2dHelper, KroneckerHelper
 from .base import KroneckerOptimizer, unwrap_model
 
-__all__ = ["KFAC", "LIKELIHOODS", "damped_inverses", "kfac_pi", "sample_targets", "sampling_seed"]
+__all__ = [
+    "KFAC",
+    "LIKELIHOODS",
+    "damped_inverses",
+    "kfac_pi",
+    "sample_targets",
+    "sampled_loss",
+    "sampling_seed",
+]
 
 LIKELIHOODS = ("categorical", "bernoulli", "gaussian")
 
@@ -170,7 +178,7 @@ def _omega(helper: type[KroneckerHelper], module: nn.Module, x: Tensor, bias: bo
         xf = x.reshape(-1, x.shape[-1])
         if bias:
             xf = torch.cat([xf, xf.new_ones(xf.shape[0], 1)], dim=1)
-        return (xf.mT @ xf) / m
+        return _gram(xf, 1.0 / m)
     geo = {"dilation": module.dilation, "padding": module.padding, "stride": module.stride}
     n = module.weight[0].numel() + int(bias)
     ho, wo = Conv2dHelper.out_size(module, x)
@@ -181,8 +189,8 @@ def _omega(helper: type[KroneckerHelper], module: nn.Module, x: Tensor, bias: bo
         if bias:
             cols = torch.cat([cols, cols.new_ones(cols.shape[0], cols.shape[1], 1)], dim=2)
         cols = cols.reshape(-1, n)
-        out.addmm_(cols.mT, cols)
-    return out / m
+        out.addmm_(cols.mT, cols, alpha=1.0 / m)
+    return out
 
 
 def _gamma(helper: type[KroneckerHelper], g: Tensor, batch: int, reduction: str) -> Tensor:
@@ -195,7 +203,12 @@ def _gamma(helper: type[KroneckerHelper], g: Tensor, batch: int, reduction: str)
     gf = gf.reshape(-1, gf.shape[-1])
     locs = max(1, gf.shape[0] // batch)
     scale = batch / locs if reduction == "mean" else 1.0 / (batch * locs)
-    return (gf.mT @ gf) * scale
+    return _gram(gf, scale)
+
+
+def _gram(X: Tensor, alpha: float) -> Tensor:
+    """``alpha X^T X`` with the scaling inside the matrix product (no extra pass)."""
+    return torch.addmm(X.new_zeros(()), X.mT, X, beta=0.0, alpha=alpha)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -394,10 +407,9 @@ class KFAC(KroneckerOptimizer):
         return 0
 
     def _distributed(self) -> bool:
-        from torch.nn.parallel import DistributedDataParallel
+        from .. import distributed
 
-        return (isinstance(self.model, DistributedDataParallel)
-                and torch.distributed.is_available() and torch.distributed.is_initialized())
+        return distributed.process_group(self.model) is not None
 
     def _factor_pass(self, run: Callable[[], Any], stream: str, index: int,
                      bias: dict[str, bool]) -> dict[str, _FactorRecord]:
@@ -470,19 +482,12 @@ class KFAC(KroneckerOptimizer):
         return {ly.name: ly.helper.has_bias(ly.module) for ly in self.layers}
 
     def _reduce_across_ranks(self, tensors: list[Tensor], op: str) -> None:
-        """In-place mean (``op="avg"``) or sum over ranks of a DDP model (no-op otherwise)."""
-        if not tensors or not self._distributed():
-            return
-        dist = torch.distributed
-        flat = torch.cat([t.reshape(-1) for t in tensors])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        if op == "avg":
-            flat /= dist.get_world_size()
-        offset = 0
-        for t in tensors:
-            n = t.numel()
-            t.copy_(flat[offset:offset + n].view_as(t))
-            offset += n
+        """In-place mean (``op="avg"``) or sum over ranks of a DDP model (no-op otherwise):
+        one flat all-reduce per dtype (``kbfgs.distributed.all_reduce_flat``)."""
+        from .. import distributed
+
+        distributed.all_reduce_flat(tensors, distributed.process_group(self.model),
+                                    average=op == "avg")
 
     @torch.no_grad()
     def _update_factors(self, records: dict[str, _FactorRecord]) -> None:
@@ -498,8 +503,10 @@ class KFAC(KroneckerOptimizer):
         if not todo:
             return
         self._reduce_across_ranks([t for _, r in todo for t in (r.Omega, r.Gamma)], "avg")
-        oks = torch.stack([torch.isfinite(r.Omega).all() & torch.isfinite(r.Gamma).all()
-                           for _, r in todo]).tolist()
+        # one reduction per factor: a NaN or inf entry makes the sum non-finite (a sum that
+        # overflows only skips the update, conservatively); one host sync for all layers
+        oks = torch.isfinite(torch.stack([r.Omega.sum() + r.Gamma.sum()
+                                          for _, r in todo])).tolist()
         b = self.beta
         for (st, r), ok in zip(todo, oks):
             if not ok:

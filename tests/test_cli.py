@@ -1,0 +1,143 @@
+"""The ``kbfgs`` command line end to end on tiny subsets and budgets."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from kbfgs.experiments.cli import main
+
+PY = sys.executable
+FAST = ["--subset", "200", "--threads", "1", "--no-progress"]
+
+
+def _png(path: Path) -> bool:
+    return path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_run_two_methods_then_report(tmp_path, capsys):
+    out = tmp_path / "res"
+    for method, seeds in (("kbfgs", ["1", "2"]), ("adam", ["1"])):
+        rc = main(["run", "--problem", "curves-ae", "--optimizer", method, "--time-budget",
+                   "0.8", "--seeds", *seeds, "--out", str(out), *FAST])
+        assert rc == 0
+    files = sorted(p.name for p in out.glob("*.json"))
+    assert len(files) == 3 and all(f.startswith("curves-ae__") for f in files)
+    res = json.loads((out / files[0]).read_text())
+    assert res["spec"]["time_budget"] == 0.8 and res["env"]["torch_threads"] == 1
+    assert main(["report", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    assert "| method | curves-ae |" in report  # Table 3 style
+    assert "| K-BFGS |" in report and "| Adam |" in report
+    assert "\u00b1" in report  # two seeds: mean +- std/sqrt(n)
+    assert "(curves-ae.png)" in report
+    assert _png(out / "curves-ae.png")
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_demo_tiny(tmp_path, capsys):
+    out = tmp_path / "demo"
+    rc = main(["demo", "--time-budget", "0.5", "--methods", "kbfgs", "sgd-m", "--out", str(out),
+               *FAST])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "| K-BFGS |" in text and "| SGD-m |" in text
+    assert "final training loss" in text and "process ms / iteration" in text
+    assert "stand-in" in text  # the CURVES data is said to be generated
+    assert (out / "report.md").is_file() and _png(out / "curves-ae.png")
+    assert len(list((out / "runs").glob("*.json"))) == 2
+    # a second demo replaces the run files instead of piling them up
+    assert main(["demo", "--time-budget", "0.3", "--methods", "adam", "--out", str(out),
+                 *FAST]) == 0
+    assert [p.name.split("__")[1] for p in (out / "runs").glob("*.json")] == ["adam"]
+
+
+def test_bad_names_give_clear_errors(tmp_path, capsys):
+    rc = main(["run", "--problem", "curves", "--optimizer", "kbfgs", "--out", str(tmp_path)])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "unknown problem 'curves'" in err
+    assert "curves-ae" in err and "resnet32-fmnist" in err and "fmnist-ae" in err
+    rc = main(["run", "--problem", "curves-ae", "--optimizer", "bfgs", "--out", str(tmp_path)])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "unknown method 'bfgs'" in err and "kbfgs-l" in err
+    rc = main(["run", "--problem", "curves-ae", "--optimizer", "sgd-m", "--damping", "1",
+               "--out", str(tmp_path)])
+    assert rc == 2 and "takes no hyper-parameter" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    assert not list(tmp_path.glob("*.json"))
+
+
+def test_grid_cli_resumes(tmp_path, capsys):
+    args = ["grid", "--problem", "curves-ae", "--optimizer", "sgd-m", "--lr", "0.001", "0.003",
+            "--epochs", "1", "--out", str(tmp_path), *FAST]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert "2 settings x 1 seeds = 2 runs" in first and "2 runs done now" in first
+    assert "<- best" in first
+    assert main(args) == 0
+    again = capsys.readouterr().out
+    assert "0 runs done now, 2 were already finished" in again
+    assert (tmp_path / "grids" / "best__curves-ae__sgd-m.json").is_file()
+
+
+def test_killed_grid_subprocess_resumes(tmp_path):
+    """Kill a grid after its first result file appears; the rerun finishes the rest only."""
+    out = tmp_path / "grid"
+    args = ["-m", "kbfgs", "grid", "--problem", "curves-ae", "--optimizer", "sgd-m", "--lr",
+            "0.001", "0.002", "0.003", "--time-budget", "0.4", "--out", str(out), *FAST]
+    proc = subprocess.Popen([PY, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not list(out.glob("*.json")):
+            if proc.poll() is not None:
+                break
+            time.sleep(0.02)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finished = {p.name: p.stat().st_mtime_ns for p in out.glob("*.json")}
+    assert 1 <= len(finished) < 3, "the grid must be killed part-way"
+    rerun = subprocess.run([PY, *args], check=False, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    done = 3 - len(finished)
+    assert f"{done} runs done now, {len(finished)} were already finished" in rerun.stdout
+    assert len(list(out.glob("*.json"))) == 3
+    for name, mtime in finished.items():
+        assert (out / name).stat().st_mtime_ns == mtime  # not rerun
+    assert not list(out.glob(".*tmp*"))
+
+
+def test_python_m_kbfgs_is_the_console_script():
+    r = subprocess.run([PY, "-m", "kbfgs", "--help"], check=False, capture_output=True,
+                       text=True,
+                       timeout=120)
+    assert r.returncode == 0
+    for cmd in ("demo", "run", "grid", "report"):
+        assert cmd in r.stdout
+
+def test_demo_help_says_what_and_how_long(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["demo", "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert "minutes" in text and "--fmnist" in text and "--time-budget" in text
+    assert "K-BFGS(L)" in text and "KFAC" in text and "SGD-m" in text
+
+
+@pytest.mark.slow
+def test_demo_default_budget_runs(tmp_path):  # pragma: no cover - minutes
+    r = subprocess.run([PY, "-m", "kbfgs", "demo", "--out", str(tmp_path), "--no-progress"],
+                       check=False, capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "report.md").is_file()
