@@ -28,6 +28,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from .base import all_finite
 from .kbfgs import KBFGS
 from .kfac import KFAC
 
@@ -48,20 +49,7 @@ __all__ = [
 
 
 def _all_finite(loss: Any, params: Iterable[Tensor]) -> bool:
-    """One host sync: are the loss and every gradient finite?"""
-    vals = []
-    if isinstance(loss, Tensor):
-        vals.append(loss.detach().abs().max().reshape(1).float())
-    elif loss is not None:
-        vals.append(torch.tensor([abs(float(loss))]))
-    grads = [p.grad for p in params if p.grad is not None]
-    if grads:
-        dev = grads[0].device
-        vals = [v.to(dev) for v in vals]
-        vals.extend(n.reshape(1).float() for n in torch._foreach_norm(grads, float("inf")))
-    if not vals:
-        return True
-    return bool(torch.isfinite(torch.cat(vals)).all())
+    return all_finite(loss, [p.grad for p in params if p.grad is not None])
 
 
 class _SkipNonFinite:

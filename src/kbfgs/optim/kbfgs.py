@@ -8,16 +8,14 @@ from ``kbfgs.capture`` (hooks that exist only during a curvature pass).
 from __future__ import annotations
 
 import contextlib
-import math
 import time
-import warnings
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
 
 from .. import distributed, linalg
-from ..capture import Capture, KroneckerLayer, LayerRecord
+from ..capture import KroneckerLayer, LayerRecord
 from .base import KroneckerOptimizer
 
 __all__ = ["KBFGS"]
