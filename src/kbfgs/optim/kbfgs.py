@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from .. import distributed, linalg
 from ..capture import KroneckerLayer, LayerRecord
-from .base import KroneckerOptimizer
+from .base import KroneckerOptimizer, aligned_copy, two_sided_product
 
 __all__ = ["KBFGS"]
 
@@ -182,7 +182,8 @@ class KBFGS(KroneckerOptimizer):
         if st is None:
             st = {
                 "locations": locations,
-                "buf": torch.zeros(rows, cols, dtype=layer.module.weight.dtype, device=device),
+                "buf": aligned_copy(torch.zeros(rows, cols, dtype=layer.module.weight.dtype,
+                                                device=device)),
                 "s_G": torch.zeros(rows, dtype=dtype, device=device),
                 "y_G": torch.zeros(rows, dtype=dtype, device=device),
                 "skipped_A": torch.zeros((), dtype=torch.int64, device=device),
@@ -190,7 +191,7 @@ class KBFGS(KroneckerOptimizer):
                 "theta": torch.ones((), dtype=dtype, device=device),
             }
             if self.history is None:
-                st["H_G"] = torch.eye(rows, dtype=dtype, device=device) / lam_G
+                st["H_G"] = aligned_copy(torch.eye(rows, dtype=dtype, device=device) / lam_G)
             else:
                 st["S"] = torch.zeros(rows, 0, dtype=dtype, device=device)
                 st["Y"] = torch.zeros(rows, 0, dtype=dtype, device=device)
@@ -198,23 +199,16 @@ class KBFGS(KroneckerOptimizer):
         st["locations"] = locations
         eye = torch.eye(cols, dtype=dtype, device=device)
         if A0 is None:
-            st["H_A"] = eye / lam_A
+            st["H_A"] = aligned_copy(eye / lam_A)
         else:
-            st["H_A"] = torch.cholesky_inverse(torch.linalg.cholesky(A0 + lam_A * eye))
+            st["H_A"] = aligned_copy(torch.cholesky_inverse(torch.linalg.cholesky(A0 + lam_A * eye)))
         if self.hessian_action == "moving_average":
             st["A"] = torch.zeros_like(eye) if A0 is None else A0.clone()
         return st
 
     # ------------------------------------------------------------------ the step
     def _precondition(self, layer: KroneckerLayer, st: dict) -> Tensor:
-        buf = st["buf"]
-        if buf.dtype != st["H_A"].dtype:
-            buf = buf.to(st["H_A"].dtype)
-        X = buf @ st["H_A"]
-        if self.history is None:
-            return st["H_G"] @ X
-        U, M, gamma = self._lbfgs_factors(layer, st)
-        return linalg.lbfgs_apply(U, M, gamma, X)
+        return two_sided_product(self._H_G_operator(layer, st), st["buf"], st["H_A"], st)
 
     def _lbfgs_factors(self, layer: KroneckerLayer, st: dict) -> tuple[Tensor, Tensor, float]:
         gamma = 1.0 / self._lambdas(layer, st["locations"])[1]
@@ -255,7 +249,7 @@ class KBFGS(KroneckerOptimizer):
             # ---- H_A
             if self.hessian_action == "exact":
                 eye = torch.eye(r0.A.shape[0], dtype=r0.A.dtype, device=r0.A.device)
-                st["H_A"] = torch.cholesky_inverse(torch.linalg.cholesky(r0.A + lam_A * eye))
+                st["H_A"].copy_(torch.cholesky_inverse(torch.linalg.cholesky(r0.A + lam_A * eye)))
             else:
                 s_A = r0.s_A
                 if self.hessian_action == "moving_average":

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from ..capture import KroneckerLayer
 from ..layers import _UNFOLD_CHUNK, Conv2dHelper, KroneckerHelper
-from .base import KroneckerOptimizer, unwrap_model
+from .base import KroneckerOptimizer, aligned_copy, two_sided_product, unwrap_model
 
 __all__ = [
     "KFAC",
@@ -536,7 +536,7 @@ class KFAC(KroneckerOptimizer):
     @staticmethod
     def _invert(st: dict, damping: float) -> None:
         H_O, H_G, pi, fallbacks = _damped_inverses(st["Omega"], st["Gamma"], damping)
-        st["H_Omega"], st["H_Gamma"], st["pi"] = H_O, H_G, pi
+        st["H_Omega"], st["H_Gamma"], st["pi"] = aligned_copy(H_O), aligned_copy(H_G), pi
         st["inv_updates"] += 1
         st["inv_fallbacks"] = st.get("inv_fallbacks", 0) + fallbacks
 
@@ -549,11 +549,12 @@ class KFAC(KroneckerOptimizer):
         if st is None:
             st = {
                 "locations": locations,
-                "buf": torch.zeros(rows, cols, dtype=layer.module.weight.dtype, device=device),
+                "buf": aligned_copy(torch.zeros(rows, cols, dtype=layer.module.weight.dtype,
+                                                device=device)),
                 "Omega": torch.zeros(cols, cols, dtype=dtype, device=device),
                 "Gamma": torch.zeros(rows, rows, dtype=dtype, device=device),
-                "H_Omega": torch.eye(cols, dtype=dtype, device=device) / root,
-                "H_Gamma": torch.eye(rows, dtype=dtype, device=device) / root,
+                "H_Omega": aligned_copy(torch.eye(cols, dtype=dtype, device=device) / root),
+                "H_Gamma": aligned_copy(torch.eye(rows, dtype=dtype, device=device) / root),
                 "pi": torch.ones((), dtype=dtype, device=device),
                 "stat_updates": 0,
                 "inv_updates": 0,
@@ -566,10 +567,7 @@ class KFAC(KroneckerOptimizer):
         return st
 
     def _precondition(self, layer: KroneckerLayer, st: dict) -> Tensor:
-        buf = st["buf"]
-        if buf.dtype != st["H_Omega"].dtype:
-            buf = buf.to(st["H_Omega"].dtype)
-        return st["H_Gamma"] @ (buf @ st["H_Omega"])
+        return two_sided_product(st["H_Gamma"], st["buf"], st["H_Omega"], st)
 
     # ------------------------------------------------------------------ warm start
     def warm_start(self, inputs: Iterable[Any]) -> None:
