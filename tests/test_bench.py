@@ -82,11 +82,11 @@ def test_state_bytes_counts_layer_state_once():
     x = torch.randn(5, 3)
     opt.step(common.make_closure(opt, model, x, torch.randn(5, 2),
                                  lambda o, t: (o - t).square().sum() / o.shape[0]))
-    # per layer: buf (out x in+1), H_A (in+1)^2, H_G out^2, s_G, y_G (out), 3 scalars, and the
-    # two preconditioning scratch matrices _X, _P (out x in+1 each: real memory, counted)
+    # per layer: buf (out x in+1), H_A (in+1)^2, H_G out^2, s_G, y_G (out), 3 scalars
+    # (the preconditioning scratch is one transient buffer shared by all layers, not state)
     expect = 0
     for i, o in ((3, 4), (4, 2)):
-        expect += 4 * (3 * o * (i + 1) + (i + 1) ** 2 + o * o + 2 * o) + 8 * 2 + 4
+        expect += 4 * (o * (i + 1) + (i + 1) ** 2 + o * o + 2 * o) + 8 * 2 + 4
     assert common.state_bytes(opt) == expect
 
 

@@ -208,7 +208,8 @@ class KBFGS(KroneckerOptimizer):
 
     # ------------------------------------------------------------------ the step
     def _precondition(self, layer: KroneckerLayer, st: dict) -> Tensor:
-        return two_sided_product(self._H_G_operator(layer, st), st["buf"], st["H_A"], st)
+        return two_sided_product(self._H_G_operator(layer, st), st["buf"], st["H_A"],
+                                 self._scratch)
 
     def _lbfgs_factors(self, layer: KroneckerLayer, st: dict) -> tuple[Tensor, Tensor, float]:
         gamma = 1.0 / self._lambdas(layer, st["locations"])[1]

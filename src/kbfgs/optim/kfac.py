@@ -567,7 +567,7 @@ class KFAC(KroneckerOptimizer):
         return st
 
     def _precondition(self, layer: KroneckerLayer, st: dict) -> Tensor:
-        return two_sided_product(st["H_Gamma"], st["buf"], st["H_Omega"], st)
+        return two_sided_product(st["H_Gamma"], st["buf"], st["H_Omega"], self._scratch)
 
     # ------------------------------------------------------------------ warm start
     def warm_start(self, inputs: Iterable[Any]) -> None:
