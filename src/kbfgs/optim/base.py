@@ -168,6 +168,17 @@ class KroneckerOptimizer(torch.optim.Optimizer):
         self._rng_before = _rng_state(self._rng_devices())
 
     # ------------------------------------------------------------------ update
+    def _take_step(self, pre: dict[str, LayerRecord], k: int) -> None:
+        """After an accepted first pass: demote reused modules, initialise layers seen for the
+        first time (|T| from the pass), apply the update and count step ``k``."""
+        self._check_records(pre)
+        for layer in self.layers:
+            rec = pre.get(layer.name)
+            if layer.name not in self.layer_state and rec is not None and rec.calls == 1:
+                self._init_layer(layer, rec.locations)
+        self._apply_update()
+        self.steps = k
+
     @torch.no_grad()
     def _apply_update(self) -> None:
         """Momentum on every parameter, P = H_G BUF_W H_A on Kronecker layers, then the step."""

@@ -137,13 +137,7 @@ class KBFGS(KroneckerOptimizer):
             for name in set(self.layer_state) - known:  # created lazily in this pass
                 del self.layer_state[name]
             return self._skip_step(loss)
-        self._check_records(pre)
-        for layer in self.layers:
-            rec = pre.get(layer.name)
-            if layer.name not in self.layer_state and rec is not None and rec.calls == 1:
-                self._init_layer(layer, rec.locations)
-        self._apply_update()
-        self.steps = k
+        self._take_step(pre, k)
         if curvature and self.layers:
             t1 = time.perf_counter()
             with self._extra_pass(), self.capture.record(

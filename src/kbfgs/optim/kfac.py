@@ -376,13 +376,7 @@ class KFAC(KroneckerOptimizer):
                 "run the forward pass through that model (the step was not taken)")
         if handle is not None and call.get("output") is not None:
             raise _output_type_error(call["output"] + "; the step was not taken")
-        self._check_records(pre)
-        for layer in self.layers:
-            rec = pre.get(layer.name)
-            if layer.name not in self.layer_state and rec is not None and rec.calls == 1:
-                self._init_layer(layer, rec.locations)
-        self._apply_update()
-        self.steps = k
+        self._take_step(pre, k)
         if do_stats and self.layers:
             t1 = time.perf_counter()
             bias = self._bias_flags()
