@@ -125,6 +125,7 @@ METHODS: dict[str, Method] = {m.label: m for m in [
     Method("kbfgs(T=1)", "kbfgs", dict(update_freq=1), (1,)),
     Method("kbfgs(T=20)", "kbfgs", dict(update_freq=20), (20,)),
     Method("kbfgs-l(T=20)", "kbfgs-l", dict(update_freq=20, history=100), (20,)),
+    Method("kbfgs-l(T=1)", "kbfgs-l", dict(update_freq=1, history=100), (1,)),
     Method("kbfgs-20(T=1)", "kbfgs-20", dict(update_freq=1), (1,)),
     Method("kfac(1,20)", "kfac", dict(stat_freq=1, inv_freq=20), (1, 20)),
     Method("kfac(10,100)", "kfac", dict(stat_freq=10, inv_freq=100), (10, 100)),
@@ -132,7 +133,7 @@ METHODS: dict[str, Method] = {m.label: m for m in [
 #: short command-line aliases
 ALIASES = {
     "kbfgs": "kbfgs(T=1)", "kbfgs-t1": "kbfgs(T=1)", "kbfgs-t20": "kbfgs(T=20)",
-    "kbfgs-l": "kbfgs-l(T=20)", "kbfgs-l-t20": "kbfgs-l(T=20)", "kbfgs-20": "kbfgs-20(T=1)",
+    "kbfgs-l": "kbfgs-l(T=20)", "kbfgs-l1": "kbfgs-l(T=1)", "kbfgs-l-t20": "kbfgs-l(T=20)", "kbfgs-20": "kbfgs-20(T=1)",
     "kfac": "kfac(1,20)", "kfac-1-20": "kfac(1,20)", "kfac-10-100": "kfac(10,100)",
 }
 
