@@ -15,7 +15,6 @@ from kbfgs.experiments import problems as P
 from kbfgs.experiments import report as R
 from kbfgs.experiments import runner
 
-
 # ------------------------------------------------------------------------------------------
 # Problems and defaults
 # ------------------------------------------------------------------------------------------
@@ -362,13 +361,20 @@ def test_mean_band():
     import numpy as np
 
     x = np.array([0.0, 1.0, 2.0])
+    # a seed that stops early (diverged) counts only where it has values
     grid, mean, sem = R.mean_band([(x, np.array([1.0, 2.0, 3.0])),
                                    (x, np.array([3.0, 4.0, 5.0])),
-                                   (np.array([0.0, 1.0]), np.array([2.0, 3.0]))], points=3)
-    assert grid.tolist() == [0.0, 1.0, 2.0]
-    assert mean.tolist() == [2.0, 3.0, 4.0]
-    assert sem[2] == pytest.approx(1.0 / math.sqrt(2))  # only two curves reach x = 2
+                                   (np.array([0.0, 0.5]), np.array([2.0, 2.5]))], points=5)
+    assert grid.tolist() == [0.0, 0.5, 1.0, 1.5, 2.0]
+    assert mean.tolist() == [2.0, 2.5, 3.0, 3.5, 4.0]
     assert sem[0] == pytest.approx(math.sqrt(2 / 3) / math.sqrt(3))
+    assert sem[4] == pytest.approx(1.0 / math.sqrt(2))  # only two curves reach x = 2
+    # seeds of one budget end at slightly different x: the grid stops at the shortest
+    grid, mean, _ = R.mean_band([(x, np.array([1.0, 2.0, 3.0])),
+                                 (np.array([0.0, 1.0, 1.8]), np.array([3.0, 4.0, 5.0]))],
+                                points=10)
+    assert grid[-1] == pytest.approx(1.8)
+    assert np.all(np.isfinite(mean))
 
 
 def test_report_on_empty_dir_is_an_error(tmp_path):

@@ -327,12 +327,16 @@ def mean_band(curves: Sequence[tuple[np.ndarray, np.ndarray]], points: int = 200
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Mean and std/sqrt(n) of curves interpolated onto a common grid of x.
 
-    At each x only the curves that reach it count (a diverged seed stops contributing).
+    The grid ends where the shortest curve ends, so the mean does not jump where a seed stops
+    (runs of one budget end at slightly different epochs); a curve that stops before half of
+    the longest one (a diverged seed) does not shorten the grid: beyond its end only the
+    others count.
     """
     curves = [(x, y) for x, y in curves if len(x) > 0]
     if not curves:
         return np.array([]), np.array([]), np.array([])
-    hi = max(float(x[-1]) for x, _ in curves)
+    longest = max(float(x[-1]) for x, _ in curves)
+    hi = min(float(x[-1]) for x, _ in curves if float(x[-1]) >= 0.5 * longest)
     lo = min(float(x[0]) for x, _ in curves)
     grid = np.linspace(lo, hi, points)
     stack = np.full((len(curves), points), np.nan)
@@ -348,20 +352,26 @@ def mean_band(curves: Sequence[tuple[np.ndarray, np.ndarray]], points: int = 200
 
 
 def _zoom(ax: Any) -> None:
-    """Show the end of the race: the y range from the lowest value to twice the spread of the
-    final values above it (the first steps from the initial loss are clipped)."""
-    ys = [np.asarray(ln.get_ydata(), dtype=float) for ln in ax.get_lines()]
-    ys = [y[np.isfinite(y)] for y in ys]
-    ys = [y for y in ys if len(y)]
-    if not ys:
+    """Clip the first steps down from the initial loss: the y range goes up to the highest
+    value any line has after 10% of the x range (or its start, for a line that short)."""
+    tops, los = [], []
+    for ln in ax.get_lines():
+        x = np.asarray(ln.get_xdata(), dtype=float)
+        y = np.asarray(ln.get_ydata(), dtype=float)
+        ok = np.isfinite(y)
+        x, y = x[ok], y[ok]
+        if not len(y):
+            continue
+        los.append(float(y.min()))
+        cut = x[0] + 0.1 * (x[-1] - x[0])
+        after = y[x >= cut]
+        tops.append(float(after.max()) if len(after) else float(y.max()))
+    if not tops:
         return
-    lo = min(float(y.min()) for y in ys)
-    hi = max(float(y.max()) for y in ys)
-    last = max(float(y[-1]) for y in ys)
-    spread = max(last - lo, 0.02 * abs(lo), 1e-12)
-    top = min(hi, last + 1.5 * spread)
+    lo, top = min(los), max(tops)
     if top > lo:
-        ax.set_ylim(lo - 0.05 * spread, top)
+        pad = 0.05 * (top - lo)
+        ax.set_ylim(lo - pad, top + pad)
 
 
 def plot_problem(problem: str, best: dict[tuple[str, str], Group], path: str | Path) -> None:
