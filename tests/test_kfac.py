@@ -698,3 +698,44 @@ def test_inverse_falls_back_to_eigenvalues_when_cholesky_fails():
     H, fell_back = _spd_inverse(M, torch.tensor(0.5, dtype=DT))
     assert not fell_back
     torch.testing.assert_close(H, torch.linalg.inv(M), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("likelihood", ["categorical", "bernoulli", "gaussian"])
+def test_sampling_from_a_non_finite_output_does_not_raise(likelihood):
+    out = torch.tensor([[0.5, float("nan"), -1.0], [float("inf"), 2.0, float("-inf")]])
+    gen = torch.Generator().manual_seed(0)
+    y = sample_targets(out, likelihood, gen)
+    ref = sample_targets(torch.tensor([[0.5, 0.0, -1.0], [0.0, 2.0, 0.0]]), likelihood,
+                         torch.Generator().manual_seed(0))
+    assert torch.equal(y, ref)  # non-finite entries drawn as if they were 0
+
+
+class _NaNOnFactorPass(nn.Module):
+    """An MLP whose output turns NaN from its second forward call on (the factor pass that
+    follows the first update), as a diverging model's would."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1 = nn.Linear(6, 5)
+        self.l2 = nn.Linear(5, 3)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        out = self.l2(torch.relu(self.l1(x)))
+        return out * float("nan") if self.calls > 1 else out
+
+
+@pytest.mark.parametrize("likelihood", ["categorical", "bernoulli"])
+def test_factor_pass_on_a_nan_output_skips_the_factors(likelihood):
+    torch.manual_seed(0)
+    model = _NaNOnFactorPass().double()
+    x = torch.randn(8, 6, dtype=DT)
+    y = torch.randint(0, 3, (8,)) if likelihood == "categorical" else torch.rand(8, 3, dtype=DT)
+    f = loss_fn(likelihood)
+    opt = kbfgs.KFAC(model, lr=0.01, damping=1.0, stat_freq=1, inv_freq=5,
+                     likelihood=likelihood)
+    opt.step(make_closure(opt, model, x, y, f))  # update, then a factor pass on a NaN output
+    st = opt.stats()
+    assert all(layer["skipped_stats"] == 1 for layer in st["layers"].values()), st
+    assert all(torch.isfinite(p).all() for p in model.parameters())

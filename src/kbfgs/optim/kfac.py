@@ -79,9 +79,13 @@ def sample_targets(output: Tensor, likelihood: str, generator: torch.Generator) 
     * ``"gaussian"``: ``output`` is the mean: ``y = output + N(0, I)`` (``torch.randn``).
 
     Probabilities are computed from ``output.detach()`` in float32 (float64 for a float64
-    output); the draw uses only ``generator`` (the global RNG is untouched).
+    output); the draw uses only ``generator`` (the global RNG is untouched). Non-finite output
+    entries (a diverging model) are drawn as if they were 0, so the draw itself never fails;
+    the sampled loss on such an output is then non-finite and the factors of that pass are
+    skipped (``skipped_stats``).
     """
     out = output.detach().to(_sampling_dtype(output))
+    out = torch.where(torch.isfinite(out), out, torch.zeros((), dtype=out.dtype, device=out.device))
     if likelihood == "categorical":
         if out.dim() < 2:
             raise ValueError("likelihood='categorical' needs an output of shape (batch, classes, "
