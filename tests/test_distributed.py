@@ -581,3 +581,28 @@ def test_torchrun_run_equals_one_process(tmp_path):
     print(f"\ntorchrun 2 ranks: train loss {l2!r}; 1 process: {l1!r}")
     assert math.isfinite(l1) and abs(l1 - l2) <= 1e-4 * abs(l1), (l1, l2)
     assert two.stdout.count("curves-ae kbfgs seed 1: train loss") == 1  # rank 0 alone reports
+
+    # Checkpoints: a 2-rank run whose rank 1 crashes before iteration 6 (after the epoch-2
+    # checkpoint) fails on every rank; rerun in one process, it resumes and ends as above.
+    cut = tmp_path / "cut"
+    crash = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                            "--nproc_per_node", "2", "-m", "kbfgs", *args, "--out", str(cut),
+                            "--checkpoint-every", "1"],
+                           check=False, env=dict(env, KBFGS_FAIL_AT_ITER="5:1"),
+                           capture_output=True, text=True, timeout=240)
+    assert crash.returncode != 0
+    assert "injected failure before iteration 6" in crash.stderr, crash.stderr[-3000:]
+    assert [p.suffix for p in cut.iterdir()] == [".ckpt"]  # no result, one checkpoint
+    again = subprocess.run([sys.executable, "-m", "kbfgs", *args, "--out", str(cut),
+                            "--checkpoint-every", "1"],
+                           check=False, env=env, capture_output=True, text=True, timeout=240)
+    assert again.returncode == 0, again.stderr
+    assert "resuming from" in again.stdout
+    (f3,) = cut.glob("*.json")
+    assert f3.name == f1.name and not list(cut.glob("*.ckpt"))
+    r3 = json.loads(f3.read_text())
+    assert r3["resumed"] == [{"iter": 4, "from_world_size": 2, "world_size": 1}]
+    assert r3["final"]["iterations"] == 6
+    l3 = r3["final"]["train_loss"]
+    print(f"2 ranks crashed at 5, resumed in 1 process from 4: train loss {l3!r}")
+    assert abs(l3 - l1) <= 1e-4 * abs(l1), (l1, l3)

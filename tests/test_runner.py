@@ -245,6 +245,55 @@ def test_classifier_problem_with_augmentation(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------
+# Checkpoints
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["kbfgs", "kfac", "adam"])
+def test_interrupted_run_resumes_from_its_checkpoint_bit_identically(tmp_path, monkeypatch,
+                                                                    method):
+    """A run that crashes after its epoch-2 checkpoint, rerun, ends exactly where the
+    uninterrupted run ends: same logged losses, same final loss, same iteration count."""
+    kw = dict(epochs=4, subset=64, batch_size=16, checkpoint_every=2,
+              lr_decay=(3.0, 0.5))  # the decay falls after the resume point
+    spec = _spec(method, **kw)
+    full, _ = runner.run(spec, tmp_path / "full", progress=False, echo=lambda s: None)
+    ckpt = runner.checkpoint_path(tmp_path / "cut", spec)
+    monkeypatch.setenv("KBFGS_FAIL_AT_ITER", "11")  # 4 iterations per epoch: after epoch 2
+    with pytest.raises(RuntimeError, match="injected failure before iteration 12"):
+        runner.run(spec, tmp_path / "cut", progress=False, echo=lambda s: None)
+    assert ckpt.exists() and not runner.result_path(tmp_path / "cut", spec).exists()
+    monkeypatch.delenv("KBFGS_FAIL_AT_ITER")
+    msgs: list[str] = []
+    cut, ran = runner.run(spec, tmp_path / "cut", progress=False, echo=msgs.append)
+    assert ran and any("resuming from" in m for m in msgs)
+    assert cut["resumed"] == [{"iter": 8, "from_world_size": 1, "world_size": 1}]
+    assert not ckpt.exists()  # removed once the result is written
+    losses = [(e["iter"], e.get("train_loss"), e["lr"]) for e in full["log"]]
+    assert [(e["iter"], e.get("train_loss"), e["lr"]) for e in cut["log"]] == losses
+    assert cut["final"]["train_loss"] == full["final"]["train_loss"]
+    assert cut["final"]["iterations"] == full["final"]["iterations"] == 16
+    assert cut["run_id"] == full["run_id"]  # checkpoint_every is not part of the run's key
+
+
+def test_checkpoint_of_another_run_is_refused(tmp_path, monkeypatch):
+    a = _spec("sgd-m", epochs=3, subset=40, batch_size=20, checkpoint_every=1)
+    b = _spec("sgd-m", epochs=3, subset=40, batch_size=20, checkpoint_every=1, seed=2)
+    monkeypatch.setenv("KBFGS_FAIL_AT_ITER", "3")
+    with pytest.raises(RuntimeError, match="injected"):
+        runner.run(a, tmp_path, progress=False, echo=lambda s: None)
+    monkeypatch.delenv("KBFGS_FAIL_AT_ITER")
+    runner.checkpoint_path(tmp_path, a).rename(runner.checkpoint_path(tmp_path, b))
+    with pytest.raises(ValueError, match="belongs to run .*seed1"):
+        runner.run(b, tmp_path, progress=False, echo=lambda s: None)
+    # --force discards it and runs afresh
+    res, ran = runner.run(b, tmp_path, progress=False, echo=lambda s: None, force=True)
+    assert ran and "resumed" not in res
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        runner.train(_spec("sgd-m", checkpoint_every=0), progress=False)
+
+
+# ------------------------------------------------------------------------------------------
 # Grid
 # ------------------------------------------------------------------------------------------
 

@@ -96,7 +96,12 @@ def _add_common(p: argparse.ArgumentParser, *, grid: bool) -> None:
     p.add_argument("--no-warm-start", action="store_true",
                    help="skip the warm start of K-BFGS / KFAC from the training set")
     p.add_argument("--force", action="store_true",
-                   help="rerun runs whose result file already exists")
+                   help="rerun runs whose result file already exists (and discard their "
+                        "checkpoints)")
+    p.add_argument("--checkpoint-every", type=int, default=None, metavar="EPOCHS",
+                   help="write OUT/<run id>.ckpt every EPOCHS epochs (rank 0); a rerun of an "
+                        "interrupted run resumes from it, on any number of processes with the "
+                        "same global batch; removed when the run finishes")
 
 
 def _add_env(p: argparse.ArgumentParser, threads_default: int | None = None) -> None:
@@ -226,7 +231,8 @@ def _spec_kw(args: argparse.Namespace, problem: Any) -> dict[str, Any]:
                 "eval_subset": args.eval_subset, "eval_every": args.eval_every,
                 "batch_size": args.batch_size, "device": _device(args.device),
                 "data_dir": args.data_dir, "threads": args.threads,
-                "warm_start": not args.no_warm_start}
+                "warm_start": not args.no_warm_start,
+                "checkpoint_every": args.checkpoint_every}
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -92,11 +92,14 @@ class RunSpec:
     device: str = "cpu"
     data_dir: str | None = None
     threads: int | None = None
+    #: write a resumable checkpoint every this many epochs (None: none); see :func:`run`
+    checkpoint_every: int | None = None
 
     def key(self) -> dict[str, Any]:
-        """The fields that make a run distinct (data location, device, threads excluded)."""
+        """The fields that make a run distinct (data location, device, threads and checkpoint
+        frequency excluded: they do not change the result)."""
         d = dataclasses.asdict(self)
-        for k in ("data_dir", "device", "threads"):
+        for k in ("data_dir", "device", "threads", "checkpoint_every"):
             d.pop(k)
         d["hps"] = dict(sorted(d["hps"].items()))
         return d
@@ -453,22 +456,47 @@ def _progress(total: float, desc: str, unit: str, enabled: bool) -> Any:
 
 
 def train(spec: RunSpec, progress: bool = True,
-          on_log: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+          on_log: Callable[[dict[str, Any]], None] | None = None,
+          checkpoint: str | os.PathLike | None = None) -> dict[str, Any]:
     """Train one run as ``spec`` says and return its result record (not written).
 
-    ``spec.threads`` sets ``torch.set_num_threads`` for the run only.
+    ``spec.threads`` sets ``torch.set_num_threads`` for the run only. With ``checkpoint`` (a
+    file path) the run resumes from that file when it exists, and with
+    ``spec.checkpoint_every = E`` writes it (rank 0, atomically) after every E-th epoch.
     """
     threads = torch.get_num_threads()
     try:
         if spec.threads is not None:
             torch.set_num_threads(spec.threads)
-        return _train(spec, progress, on_log)
+        return _train(spec, progress, on_log, checkpoint)
     finally:
         torch.set_num_threads(threads)
 
 
+#: checkpoint format of the runner (the ``extra`` entry of ``distributed.save_checkpoint``)
+CHECKPOINT_SCHEMA = 1
+
+
+def checkpoint_path(out_dir: str | os.PathLike, spec: RunSpec) -> Path:
+    """Where :func:`run` keeps the checkpoint of an unfinished run."""
+    return Path(out_dir) / f"{spec.run_id()}.ckpt"
+
+
+def _fail_at_iteration() -> int | None:
+    """Fault injection for tests: ``$KBFGS_FAIL_AT_ITER=N[:RANK]`` makes the rank RANK (default
+    every rank) raise before iteration N + 1 (a crashed worker)."""
+    v = os.environ.get("KBFGS_FAIL_AT_ITER")
+    if not v:
+        return None
+    n, _, r = v.partition(":")
+    if r and int(r) != distributed.rank():
+        return None
+    return int(n)
+
+
 def _train(spec: RunSpec, progress: bool,
-           on_log: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
+           on_log: Callable[[dict[str, Any]], None] | None,
+           checkpoint: str | os.PathLike | None = None) -> dict[str, Any]:
     problem = get_problem(spec.problem)
     check_method(spec.method)
     if (spec.time_budget is None) == (spec.epochs is None):
@@ -477,6 +505,10 @@ def _train(spec: RunSpec, progress: bool,
         raise ValueError(f"time budget must be > 0, got {spec.time_budget}")
     if spec.epochs is not None and spec.epochs <= 0:
         raise ValueError(f"epochs must be > 0, got {spec.epochs}")
+    if spec.checkpoint_every is not None and (not isinstance(spec.checkpoint_every, int)
+                                              or spec.checkpoint_every < 1):
+        raise ValueError(f"checkpoint_every must be a whole number of epochs >= 1, got "
+                         f"{spec.checkpoint_every!r}")
     device = torch.device(spec.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but torch.cuda.is_available() is False")
@@ -539,9 +571,17 @@ def _train(spec: RunSpec, progress: bool,
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 
-    # Warm start (excluded from the budget, Appendix D.1).
+    resume = (distributed.load_checkpoint(checkpoint, train_model, opt, map_location=device)
+              if checkpoint is not None and os.path.exists(checkpoint) else None)
+    if resume is not None:
+        if resume.get("schema") != CHECKPOINT_SCHEMA or resume.get("run_id") != spec.run_id():
+            raise ValueError(f"checkpoint {checkpoint} belongs to run "
+                             f"{resume.get('run_id')!r} (schema {resume.get('schema')}), "
+                             f"not to {spec.run_id()!r}: remove it or choose another --out")
+
+    # Warm start (excluded from the budget, Appendix D.1); a resumed optimizer has its own.
     warm_time = 0.0
-    if spec.warm_start and hasattr(opt, "warm_start"):
+    if spec.warm_start and hasattr(opt, "warm_start") and resume is None:
         p0 = time.process_time()
         opt.warm_start(_warm_batches(distributed.shard_dataset(data.x_train), batch))
         warm_time = time.process_time() - p0
@@ -594,17 +634,55 @@ def _train(spec: RunSpec, progress: bool,
                     "evaluated": False})
         running.clear()
 
-    record("start")
+    eval_every = spec.eval_every
+    next_eval = eval_every if eval_every else math.inf
+    shown = 0.0
+    resumed: list[dict[str, Any]] = []
+
+    def save() -> None:
+        state = {"schema": CHECKPOINT_SCHEMA, "run_id": spec.run_id(), "it": it,
+                 "process": clock.process, "wall": clock.wall, "log": log,
+                 "eval_time": eval_time, "warm_time": warm_time, "next_eval": next_eval,
+                 "nonfinite": nonfinite, "last_loss": last_loss, "running": list(running),
+                 "base_lrs": base_lrs, "resumed": resumed,
+                 "g_order": g_order.get_state(), "g_aug": g_aug.get_state(),
+                 "rng": torch.get_rng_state(),
+                 "world_size": distributed.world_size()}
+        distributed.save_checkpoint(checkpoint, train_model, opt, state)  # type: ignore[arg-type]
+
+    if resume is not None:
+        it = int(resume["it"])
+        clock.process, clock.wall = float(resume["process"]), float(resume["wall"])
+        log[:] = resume["log"]
+        running[:] = resume["running"]
+        eval_time, warm_time = float(resume["eval_time"]), float(resume["warm_time"])
+        next_eval, nonfinite = float(resume["next_eval"]), int(resume["nonfinite"])
+        last_loss, base_lrs = float(resume["last_loss"]), list(resume["base_lrs"])
+        g_order.set_state(resume["g_order"].cpu())
+        g_aug.set_state(resume["g_aug"].cpu())
+        torch.set_rng_state(resume["rng"].cpu())  # rank 0's
+        if distributed.rank() > 0:  # other ranks: their own stream, as at the start
+            torch.manual_seed(distributed.rank_seed(spec.seed * 1_000_003 + it, distributed.rank()))
+        resumed = list(resume["resumed"]) + [{"iter": it, "from_world_size": resume["world_size"],
+                                              "world_size": distributed.world_size()}]
+        if spec.time_budget is not None:
+            shown = min(clock.process, spec.time_budget)
+    else:
+        record("start")
+    fail_at = _fail_at_iteration()
     if spec.time_budget is not None:
         bar = _progress(spec.time_budget, f"{spec.problem} {spec.method} s{spec.seed}", "s",
                         progress and _is_main_process())
     else:
         bar = _progress(total_iters or 0, f"{spec.problem} {spec.method} s{spec.seed}", "it",
                         progress and _is_main_process())
-    eval_every = spec.eval_every
-    next_eval = eval_every if eval_every else math.inf
-    order = _epoch_order(n, g_order)
-    shown = 0.0
+    if bar is not None and shown:
+        bar.update(shown)
+    elif bar is not None and it:
+        bar.update(it)
+    # the order of the current epoch (a checkpoint is taken at an epoch end: its next epoch
+    # draws a new order at the top of the loop)
+    order = _epoch_order(n, g_order) if resume is None else None
 
     def done() -> bool:
         if diverged:
@@ -616,7 +694,10 @@ def _train(spec: RunSpec, progress: bool,
     try:
         while not distributed.agree(done()):  # rank 0 decides (process times differ)
             epoch, pos = divmod(it, iters_per_epoch)
-            if pos == 0 and it > 0:
+            if fail_at is not None and it >= fail_at:
+                raise RuntimeError(f"KBFGS_FAIL_AT_ITER: injected failure before iteration "
+                                   f"{it + 1}")
+            if order is None or (pos == 0 and it > 0):
                 order = _epoch_order(n, g_order)
             if pos == 0 and spec.lr_decay is not None:
                 every, factor = spec.lr_decay
@@ -679,6 +760,10 @@ def _train(spec: RunSpec, progress: bool,
                     next_eval = clock.process + eval_every if eval_every else math.inf
                 else:
                     light("epoch")
+                if (checkpoint is not None and spec.checkpoint_every
+                        and (it // iters_per_epoch) % spec.checkpoint_every == 0
+                        and not diverged and not distributed.agree(done())):
+                    save()  # not on the clock, like evaluation
             elif clock.process >= next_eval:
                 record("time")
                 next_eval = clock.process + eval_every if eval_every else math.inf
@@ -722,6 +807,8 @@ def _train(spec: RunSpec, progress: bool,
             result["stats"] = opt.stats(condition=True)
         except Exception as e:  # noqa: BLE001 - diagnostics must never lose a finished run
             result["stats"] = {"error": repr(e)}
+    if resumed:
+        result["resumed"] = resumed
     result["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     result["status"] = "finished"
     return result
@@ -731,6 +818,9 @@ def run(spec: RunSpec, out_dir: str | os.PathLike, progress: bool = True,
         force: bool = False, echo: Callable[[str], None] = print) -> tuple[dict[str, Any], bool]:
     """Run ``spec`` unless ``out_dir`` already holds its finished result.
 
+    An unfinished run's checkpoint (``out_dir/<run id>.ckpt``, written every
+    ``spec.checkpoint_every`` epochs by rank 0) is resumed, on any world size with the same
+    global batch, and removed once the result is written (``force`` discards it first).
     Returns (result, ran): ``ran`` is False when the result was already there.
     """
     path = result_path(out_dir, spec)
@@ -740,11 +830,21 @@ def run(spec: RunSpec, out_dir: str | os.PathLike, progress: bool = True,
         if existing is not None:
             echo(f"skip (already finished): {path}")
             return existing, False
+    ckpt = checkpoint_path(out_dir, spec)
+    if _is_main_process():
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        if force and ckpt.exists():
+            ckpt.unlink()
+    distributed.barrier()
+    if ckpt.exists():
+        echo(f"resuming from {ckpt}")
     with warnings.catch_warnings():
         warnings.simplefilter("default")
-        result = train(spec, progress=progress)
+        result = train(spec, progress=progress, checkpoint=ckpt)
     if _is_main_process():
         write_json_atomic(path, result)
+        if ckpt.exists():
+            ckpt.unlink()  # the result is written: the checkpoint has served
     f = result["final"]
     msg = (f"{spec.problem} {spec.method} seed {spec.seed}: "
            f"train loss {_show(f['train_loss'])}")
@@ -798,7 +898,7 @@ def make_spec(problem: Problem, method: str, hps: dict[str, Any], seed: int, *,
               eval_subset: int | None = None, eval_every: float | None = None,
               batch_size: int | None = None, device: str = "cpu",
               data_dir: str | None = None, threads: int | None = None,
-              warm_start: bool = True) -> RunSpec:
+              warm_start: bool = True, checkpoint_every: int | None = None) -> RunSpec:
     """A RunSpec with the problem's defaults filled in."""
     if eval_subset is None:
         eval_subset = problem.eval_subset
@@ -809,7 +909,8 @@ def make_spec(problem: Problem, method: str, hps: dict[str, Any], seed: int, *,
                    batch_size=batch_size or problem.batch_size, subset=subset,
                    eval_subset=eval_subset, eval_every=eval_every,
                    final_full_eval=not problem.classifier, warm_start=warm_start,
-                   device=device, data_dir=data_dir, threads=threads)
+                   device=device, data_dir=data_dir, threads=threads,
+                   checkpoint_every=checkpoint_every)
 
 
 __all__ += ["ProblemData", "default_budget", "environment", "git_info", "make_spec"]
