@@ -174,26 +174,29 @@ class Conv2dHelper(KroneckerHelper):
         return h.shape[-1] * h.shape[-2]
 
     @classmethod
-    def _weight_grad(cls, module: nn.Conv2d, x: Tensor, grad_out: Tensor) -> Tensor:
-        """Weight gradient of a one-filter conv: ``sum_{n,t} grad_out_t(n) patch_t(n)``."""
-        _, _, kh, kw = module.weight.shape
-        g = cls._geometry(module)
-        pad = g["padding"]
-        if isinstance(pad, str):  # "same" / "valid"
-            raise ValueError(f"string padding {pad!r} is not supported")
-        _, gw, _ = torch.ops.aten.convolution_backward(
-            grad_out, x, x.new_empty(1, x.shape[1], kh, kw), None,
-            g["stride"], pad, g["dilation"], False, [0, 0], 1, [False, True, False],
-        )
-        return gw.reshape(-1)
+    def _taps(cls, module: nn.Conv2d, x: Tensor) -> tuple[Tensor, list[tuple[slice, slice]],
+                                                           int, int]:
+        """The zero-padded input and, for every kernel tap ``(i, j)`` (row-major, the order of
+        the weight's last two dims), the strided window of padded positions that the tap reads
+        at the ``Ho x Wo`` output locations: ``a_t`` of location ``t = (ho, wo)`` holds
+        ``x_pad[:, c, win_i(ho), win_j(wo)]`` for every channel ``c`` and tap."""
+        kh, kw = module.kernel_size
+        (sh, sw), (ph, pw), (dh, dw) = module.stride, module.padding, module.dilation
+        ho, wo = cls.out_size(module, x)
+        xp = F.pad(x, (pw, pw, ph, ph)) if (ph or pw) else x
+        wins = [(slice(i * dh, i * dh + sh * (ho - 1) + 1, sh),
+                 slice(j * dw, j * dw + sw * (wo - 1) + 1, sw))
+                for i in range(kh) for j in range(kw)]
+        return xp, wins, ho, wo
 
     @classmethod
     def a_bar(cls, module: nn.Module, x: Tensor) -> Tensor:
+        """``E_n mean_t a_t``: per tap, the mean of the batch-summed padded input over that
+        tap's window (no patches are formed)."""
         m = x.shape[0]
-        xs = x.sum(0, keepdim=True)
-        ho, wo = cls.out_size(module, x)
-        ones = x.new_full((1, 1, ho, wo), 1.0 / (m * ho * wo))
-        return _with_one(cls._weight_grad(module, xs, ones), cls.has_bias(module))
+        xp, wins, ho, wo = cls._taps(module, x.sum(0, keepdim=True))
+        cols = torch.stack([xp[0, :, wi, wj].sum(dim=(1, 2)) for wi, wj in wins], dim=1)
+        return _with_one(cols.reshape(-1) / (m * ho * wo), cls.has_bias(module))
 
     @classmethod
     def out_size(cls, module: nn.Conv2d, x: Tensor) -> tuple[int, int]:
@@ -206,12 +209,30 @@ class Conv2dHelper(KroneckerHelper):
 
     @classmethod
     def A_s(cls, module: nn.Module, x: Tensor, s: Tensor) -> Tensor:
+        """``E_n sum_t (a_t^T s) a_t`` with matrix products on the padded input, no patches:
+        ``Y = S^T X`` (``S`` = s as channels x taps, ``X`` = the padded input as
+        channels x positions, per sample), ``z_t = a_t^T s`` = the sum over taps of ``Y``'s
+        tap row read through the tap's window, then ``Z`` = ``z`` written back through every
+        tap's window and ``A s = sum_n X Z^T``. Both products are 1/out_channels of the
+        layer's own; one-output-channel convolutions (slow in oneDNN) are avoided."""
         m, c = x.shape[0], x.shape[1]
-        _, _, kh, kw = module.weight.shape
+        kh, kw = module.kernel_size
         bias = cls.has_bias(module)
         k = c * kh * kw
-        z = F.conv2d(x, s[:k].view(1, c, kh, kw), s[k:] if bias else None, **cls._geometry(module))
-        out = cls._weight_grad(module, x, z) / m
+        xp, wins, ho, wo = cls._taps(module, x)
+        hp, wp = xp.shape[2], xp.shape[3]
+        X = xp.reshape(m, c, hp * wp)
+        S = s[:k].to(x.dtype).view(c, kh * kw)
+        Y = torch.matmul(S.t(), X).view(m, kh * kw, hp, wp)
+        z = Y[:, 0, wins[0][0], wins[0][1]].clone()
+        for t, (wi, wj) in enumerate(wins[1:], 1):
+            z.add_(Y[:, t, wi, wj])
+        if bias:
+            z.add_(s[k].to(x.dtype))
+        Z = Y.new_zeros(m, kh * kw, hp, wp)
+        for t, (wi, wj) in enumerate(wins):
+            Z[:, t, wi, wj] = z
+        out = torch.matmul(X, Z.view(m, kh * kw, hp * wp).mT).sum(0).reshape(-1) / m
         return torch.cat([out, (z.sum() / m).reshape(1)]) if bias else out
 
     @classmethod
