@@ -276,6 +276,26 @@ def test_interrupted_run_resumes_from_its_checkpoint_bit_identically(tmp_path, m
     assert cut["run_id"] == full["run_id"]  # checkpoint_every is not part of the run's key
 
 
+def test_time_budget_run_resumes_with_its_clock(tmp_path, monkeypatch):
+    """A time-budget run resumed from a checkpoint keeps the process time it had used: the
+    budget is spent once over both parts, and the log's clock never goes back."""
+    spec = _spec("sgd-m", time_budget=0.6, epochs=None, subset=100, batch_size=25,
+                 eval_every=0.1, checkpoint_every=1)
+    monkeypatch.setenv("KBFGS_FAIL_AT_ITER", "6")  # 4 iterations per epoch: after epoch 1
+    with pytest.raises(RuntimeError, match="injected"):
+        runner.run(spec, tmp_path, progress=False, echo=lambda s: None)
+    saved = torch.load(runner.checkpoint_path(tmp_path, spec), weights_only=False)["extra"]
+    assert saved["it"] == 4 and saved["process"] > 0
+    monkeypatch.delenv("KBFGS_FAIL_AT_ITER")
+    res, _ = runner.run(spec, tmp_path, progress=False, echo=lambda s: None)
+    f = res["final"]
+    assert res["resumed"][0]["iter"] == 4
+    assert 0.6 <= f["process_time_s"] < 0.6 + 10 * f["time_per_iter_s"] + 0.5
+    times = [e["process_time"] for e in res["log"]]
+    assert times == sorted(times) and res["log"][0]["kind"] == "start"
+    assert [e["kind"] for e in res["log"]].count("start") == 1
+
+
 def test_checkpoint_of_another_run_is_refused(tmp_path, monkeypatch):
     a = _spec("sgd-m", epochs=3, subset=40, batch_size=20, checkpoint_every=1)
     b = _spec("sgd-m", epochs=3, subset=40, batch_size=20, checkpoint_every=1, seed=2)
