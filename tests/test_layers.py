@@ -354,3 +354,18 @@ def test_helper_for_and_unsupported_reason():
 
     circular = nn.Conv2d(2, 4, 3, padding=1, padding_mode="circular")
     assert isinstance(unsupported_reason(circular), str)
+
+
+def test_conv_A_s_in_sample_chunks_equals_one_chunk(monkeypatch):
+    """The conv A s processes samples in chunks bounded by ``_TAP_CHUNK`` elements: a tiny
+    bound (one or two samples per chunk) gives the same vector to rounding."""
+    import kbfgs.layers as L
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, stride=2, padding=1, bias=True).double()
+    x = torch.randn(5, 3, 7, 6, dtype=torch.float64)
+    s = torch.randn(3 * 9 + 1, dtype=torch.float64)
+    whole = L.Conv2dHelper.A_s(conv, x, s)
+    for bound in (1, 2 * 9 * 9 * 8):  # one sample per chunk; two samples per chunk
+        monkeypatch.setattr(L, "_TAP_CHUNK", bound)
+        torch.testing.assert_close(L.Conv2dHelper.A_s(conv, x, s), whole, rtol=1e-12, atol=1e-12)

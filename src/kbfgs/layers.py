@@ -37,6 +37,9 @@ __all__ = [
 # Largest number of elements of unfolded patches materialised at once when A is formed
 # explicitly (warm start, moving-average variant).
 _UNFOLD_CHUNK = 1 << 24
+# Largest number of elements of each of the two taps x padded-positions buffers of the
+# convolution A s (samples are processed in chunks below it).
+_TAP_CHUNK = 1 << 23
 
 
 def damping_split(damping: float, locations: int, is_conv: bool, split: str) -> tuple[float, float]:
@@ -219,21 +222,30 @@ class Conv2dHelper(KroneckerHelper):
         kh, kw = module.kernel_size
         bias = cls.has_bias(module)
         k = c * kh * kw
-        xp, wins, ho, wo = cls._taps(module, x)
-        hp, wp = xp.shape[2], xp.shape[3]
-        X = xp.reshape(m, c, hp * wp)
         S = s[:k].to(x.dtype).view(c, kh * kw)
-        Y = torch.matmul(S.t(), X).view(m, kh * kw, hp, wp)
-        z = Y[:, 0, wins[0][0], wins[0][1]].clone()
-        for t, (wi, wj) in enumerate(wins[1:], 1):
-            z.add_(Y[:, t, wi, wj])
-        if bias:
-            z.add_(s[k].to(x.dtype))
-        Z = Y.new_zeros(m, kh * kw, hp, wp)
-        for t, (wi, wj) in enumerate(wins):
-            Z[:, t, wi, wj] = z
-        out = torch.matmul(X, Z.view(m, kh * kw, hp * wp).mT).sum(0).reshape(-1) / m
-        return torch.cat([out, (z.sum() / m).reshape(1)]) if bias else out
+        out = x.new_zeros(c, kh * kw)
+        z_sum = x.new_zeros(())
+        # samples in chunks: Y and Z take taps x padded positions per sample
+        (ph, pw) = module.padding
+        per_sample = kh * kw * (x.shape[2] + 2 * ph) * (x.shape[3] + 2 * pw)
+        chunk = max(1, _TAP_CHUNK // max(1, per_sample))
+        for i in range(0, m, chunk):
+            xp, wins, _, _ = cls._taps(module, x[i:i + chunk])
+            n, hp, wp = xp.shape[0], xp.shape[2], xp.shape[3]
+            X = xp.reshape(n, c, hp * wp)
+            Y = torch.matmul(S.t(), X).view(n, kh * kw, hp, wp)
+            z = Y[:, 0, wins[0][0], wins[0][1]].clone()
+            for t, (wi, wj) in enumerate(wins[1:], 1):
+                z.add_(Y[:, t, wi, wj])
+            if bias:
+                z.add_(s[k].to(x.dtype))
+                z_sum = z_sum + z.sum()
+            Z = Y.new_zeros(n, kh * kw, hp, wp)
+            for t, (wi, wj) in enumerate(wins):
+                Z[:, t, wi, wj] = z
+            out += torch.matmul(X, Z.view(n, kh * kw, hp * wp).mT).sum(0)
+        out = out.reshape(-1) / m
+        return torch.cat([out, (z_sum / m).reshape(1)]) if bias else out
 
     @classmethod
     def unfold(cls, module: nn.Conv2d, x: Tensor) -> Tensor:
