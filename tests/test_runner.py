@@ -497,3 +497,23 @@ def test_optimizer_error_on_blown_up_model_is_divergence(tmp_path, monkeypatch):
         runner.run(_spec("sgd-m", epochs=3, subset=50, seed=9), tmp_path, progress=False,
                    echo=lambda s: None)
     assert not runner.result_path(tmp_path, _spec("sgd-m", epochs=3, subset=50, seed=9)).exists()
+
+
+def test_figure_zoom_clips_the_initial_drop():
+    """The y range of a figure ends near the values after the first quarter of the x range,
+    not at an initial loss 60x higher (a sparse, once-per-epoch log)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    import numpy as np
+
+    fig, ax = plt.subplots()
+    grid = np.linspace(0, 4, 200)  # figures draw curves interpolated onto a grid (mean_band)
+    ax.plot(grid, np.interp(grid, [0, 1, 2, 3, 4], [60.0, 0.9, 0.6, 0.5, 0.45]))
+    ax.plot(grid, np.interp(grid, [0, 1, 2, 3, 4], [58.0, 1.0, 0.8, 0.7, 0.72]))
+    R._zoom(ax)
+    lo, hi = ax.get_ylim()
+    plt.close(fig)
+    assert 0.4 < lo < 0.45 and 1.0 <= hi < 1.1, (lo, hi)

@@ -353,7 +353,10 @@ def mean_band(curves: Sequence[tuple[np.ndarray, np.ndarray]], points: int = 200
 
 def _zoom(ax: Any) -> None:
     """Clip the first steps down from the initial loss: the y range goes up to the highest
-    value any line has after 10% of the x range (or its start, for a line that short)."""
+    value any line has after a quarter of the x range (or its start, for a line that short).
+    A quarter, not less, because sparse logs (one point per epoch) are drawn as straight
+    segments from the initial value, which can be orders of magnitude above the rest (a
+    network evaluated in eval mode before its BatchNorm statistics exist)."""
     tops, los = [], []
     for ln in ax.get_lines():
         x = np.asarray(ln.get_xdata(), dtype=float)
@@ -363,7 +366,7 @@ def _zoom(ax: Any) -> None:
         if not len(y):
             continue
         los.append(float(y.min()))
-        cut = x[0] + 0.1 * (x[-1] - x[0])
+        cut = x[0] + 0.25 * (x[-1] - x[0])
         after = y[x >= cut]
         tops.append(float(after.max()) if len(after) else float(y.max()))
     if not tops:
