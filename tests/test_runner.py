@@ -426,6 +426,21 @@ def test_report_tables_mean_and_sem(tmp_path):
         assert f"]({name})" in text
 
 
+def test_runs_differing_only_in_non_key_fields_are_one_setting():
+    """Seeds run with and without --checkpoint-every (or on another device or thread count)
+    are one setting in the report, as they are one run key."""
+    a = _fake_result("curves-ae", "kbfgs", 1, 50.0)
+    b = _fake_result("curves-ae", "kbfgs", 2, 52.0)
+    b["spec"].update(checkpoint_every=2, device="cuda", threads=4, data_dir="/d")
+    c = _fake_result("curves-ae", "kbfgs", 3, 54.0)
+    c["spec"]["checkpoint_every"] = None
+    d = _fake_result("curves-ae", "kbfgs", 4, 56.0)
+    d["spec"]["epochs"] = 3  # a different budget is a different setting
+    groups = R.group_results([a, b, c, d])[("curves-ae", "kbfgs")]
+    assert sorted(len(g.runs) for g in groups) == [1, 3]
+    assert set(runner.NON_KEY_FIELDS) >= {"checkpoint_every", "device", "threads", "data_dir"}
+
+
 def test_mean_band():
     import numpy as np
 
@@ -515,5 +530,9 @@ def test_figure_zoom_clips_the_initial_drop():
     ax.plot(grid, np.interp(grid, [0, 1, 2, 3, 4], [58.0, 1.0, 0.8, 0.7, 0.72]))
     R._zoom(ax)
     lo, hi = ax.get_ylim()
-    plt.close(fig)
     assert 0.4 < lo < 0.45 and 1.0 <= hi < 1.1, (lo, hi)
+    # a line that says where its evaluations start (plot_problem sets zoom_from) is cut there
+    ax.get_lines()[1].zoom_from = 0.2  # the second line's first evaluation at x = 0.2
+    R._zoom(ax)
+    assert ax.get_ylim()[1] > 40  # 58 - 0.2 * 57 = 46.6 is in range now
+    plt.close(fig)

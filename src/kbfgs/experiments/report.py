@@ -55,8 +55,10 @@ def load_results(directory: str | Path) -> list[dict[str, Any]]:
 
 
 def _config_key(res: dict[str, Any]) -> str:
+    from .runner import NON_KEY_FIELDS
+
     spec = dict(res.get("spec", {}))
-    for k in ("seed", "data_dir", "device", "threads"):
+    for k in ("seed", *NON_KEY_FIELDS):
         spec.pop(k, None)
     spec["hps"] = dict(sorted(res.get("hps", {}).items()))
     return json.dumps(spec, sort_keys=True, default=str)
@@ -353,8 +355,9 @@ def mean_band(curves: Sequence[tuple[np.ndarray, np.ndarray]], points: int = 200
 
 def _zoom(ax: Any) -> None:
     """Clip the first steps down from the initial loss: the y range goes up to the highest
-    value any line has after a quarter of the x range (or its start, for a line that short).
-    A quarter, not less, because sparse logs (one point per epoch) are drawn as straight
+    value any line has from its ``zoom_from`` x on (set by :func:`plot_problem`: the first
+    evaluation after the start, at least 10% into the x range), or, for a line without one,
+    after a quarter of its x range. Sparse logs (one point per epoch) are drawn as straight
     segments from the initial value, which can be orders of magnitude above the rest (a
     network evaluated in eval mode before its BatchNorm statistics exist)."""
     tops, los = [], []
@@ -366,7 +369,7 @@ def _zoom(ax: Any) -> None:
         if not len(y):
             continue
         los.append(float(y.min()))
-        cut = x[0] + 0.25 * (x[-1] - x[0])
+        cut = getattr(ln, "zoom_from", x[0] + 0.25 * (x[-1] - x[0]))
         after = y[x >= cut]
         tops.append(float(after.max()) if len(after) else float(y.max()))
     if not tops:
@@ -402,8 +405,10 @@ def plot_problem(problem: str, best: dict[tuple[str, str], Group], path: str | P
                 x, m, s = mean_band(curves)
                 if len(x) == 0:
                     continue
-                ax.plot(x, m, color=color, label=f"{METHOD_TITLES.get(method, method)} "
-                        f"(n={len(g.runs)})")
+                (line,) = ax.plot(x, m, color=color, label=f"{METHOD_TITLES.get(method, method)} "
+                                  f"(n={len(g.runs)})")
+                seconds = [float(cx[1]) for cx, _ in curves if len(cx) > 1]
+                line.zoom_from = max([x[0] + 0.1 * (x[-1] - x[0]), *seconds])
                 ax.fill_between(x, m - s, m + s, color=color, alpha=0.25, linewidth=0)
                 ax.set_xlabel(xlabel)
                 ax.set_ylabel(label)

@@ -99,7 +99,7 @@ class RunSpec:
         """The fields that make a run distinct (data location, device, threads and checkpoint
         frequency excluded: they do not change the result)."""
         d = dataclasses.asdict(self)
-        for k in ("data_dir", "device", "threads", "checkpoint_every"):
+        for k in NON_KEY_FIELDS:
             d.pop(k)
         d["hps"] = dict(sorted(d["hps"].items()))
         return d
@@ -113,6 +113,9 @@ class RunSpec:
 
 
 _HP_ABBREV = {"lr": "lr", "damping": "d", "weight_decay": "wd", "update_freq": "T"}
+
+#: RunSpec fields that do not change a run's result (left out of its key and of report groups)
+NON_KEY_FIELDS = ("data_dir", "device", "threads", "checkpoint_every")
 
 
 def _fmt(v: Any) -> str:
