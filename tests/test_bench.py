@@ -15,6 +15,7 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
 
 import common  # noqa: E402
+import op_count  # noqa: E402
 import step_time  # noqa: E402
 import time_to_loss  # noqa: E402
 
@@ -120,3 +121,21 @@ def test_time_to_interpolates():
            {"process": 4.0, "loss": 2.0}]
     assert time_to_loss.time_to(log, 4.0) == pytest.approx(3.0)
     assert time_to_loss.time_to(log, 1.0) is None
+
+
+def test_op_count_tiny(tmp_path):
+    """op_count on the 64-32-8-32-64 autoencoder: SGD-m's step is all closure; K-BFGS T=1
+    spends operators in every part, and T=20 amortises its curvature update over 20 steps."""
+    out = tmp_path / "op_count-{problem}.json"
+    assert op_count.main(["--problems", "tiny-ae", "--methods", "kbfgs,kbfgs-t20",
+                          "--window", "20", "--out", str(out)]) == 0
+    rows = {r["method"]: r for r in json.loads((tmp_path / "op_count-tiny-ae.json").read_text())
+            ["rows"]}
+    sgd, t1, t20 = rows["sgd-m"], rows["kbfgs(T=1)"], rows["kbfgs(T=20)"]
+    assert set(sgd["per_iteration"]) == {"closure"} and sgd["kronecker_layers"] == 0
+    assert t1["kronecker_layers"] == 4
+    assert all(t1["per_iteration"][p] > 0 for p in ("closure", "curvature", "update", "finite"))
+    # one curvature update per 20 steps instead of one per step, the same update per step
+    assert t20["per_iteration"]["curvature"] == pytest.approx(
+        t1["per_iteration"]["curvature"] / 20)
+    assert t20["per_iteration"]["update"] == t1["per_iteration"]["update"]
