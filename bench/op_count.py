@@ -6,8 +6,8 @@
 On a GPU every ATen operator call is (at least) one kernel launch of about 5-10 us of host time,
 so a part made of many small operators is launch-bound there however little arithmetic it does.
 This script counts the non-view calls that reach the ATen dispatcher (``TorchDispatchMode``,
-so autograd's backward operators are counted too; views such as slice or reshape launch nothing
-and are not counted) over one window of iterations after a warm-up
+so autograd's backward operators are counted too; views such as slice or reshape launch
+nothing and are not counted) over one window of iterations after a warm-up
 window, on CPU with a small batch and a tiny learning rate (the count depends on neither), and splits
 them by part with the optimizer's own methods (curvature update, preconditioned update,
 non-finite check; the rest is the closures, i.e. the forward-backward passes and hooks).

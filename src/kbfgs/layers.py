@@ -163,6 +163,12 @@ class LinearHelper(KroneckerHelper):
         return gf.sum(0) * scale
 
 
+def _padding(module: nn.Conv2d) -> tuple[int, int]:
+    if isinstance(module.padding, str):  # "same" / "valid": such layers are demoted
+        raise ValueError(f"string padding {module.padding!r} is not supported")
+    return module.padding[0], module.padding[1]
+
+
 class Conv2dHelper(KroneckerHelper):
     """``nn.Conv2d`` (groups 1, zero padding): ``a_t`` is the unfolded patch of location ``t``."""
 
@@ -184,7 +190,7 @@ class Conv2dHelper(KroneckerHelper):
         at the ``Ho x Wo`` output locations: ``a_t`` of location ``t = (ho, wo)`` holds
         ``x_pad[:, c, win_i(ho), win_j(wo)]`` for every channel ``c`` and tap."""
         kh, kw = module.kernel_size
-        (sh, sw), (ph, pw), (dh, dw) = module.stride, module.padding, module.dilation
+        (sh, sw), (ph, pw), (dh, dw) = module.stride, _padding(module), module.dilation
         ho, wo = cls.out_size(module, x)
         xp = F.pad(x, (pw, pw, ph, ph)) if (ph or pw) else x
         wins = [(slice(i * dh, i * dh + sh * (ho - 1) + 1, sh),
@@ -226,7 +232,7 @@ class Conv2dHelper(KroneckerHelper):
         out = x.new_zeros(c, kh * kw)
         z_sum = x.new_zeros(())
         # samples in chunks: Y and Z take taps x padded positions per sample
-        (ph, pw) = module.padding
+        ph, pw = _padding(module)
         per_sample = kh * kw * (x.shape[2] + 2 * ph) * (x.shape[3] + 2 * pw)
         chunk = max(1, _TAP_CHUNK // max(1, per_sample))
         for i in range(0, m, chunk):

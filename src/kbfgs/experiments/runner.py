@@ -665,7 +665,8 @@ def _train(spec: RunSpec, progress: bool,
         g_aug.set_state(resume["g_aug"].cpu())
         torch.set_rng_state(resume["rng"].cpu())  # rank 0's
         if distributed.rank() > 0:  # other ranks: their own stream, as at the start
-            torch.manual_seed(distributed.rank_seed(spec.seed * 1_000_003 + it, distributed.rank()))
+            r = distributed.rank()
+            torch.manual_seed(distributed.rank_seed(spec.seed * 1_000_003 + it, r))
         resumed = list(resume["resumed"]) + [{"iter": it, "from_world_size": resume["world_size"],
                                               "world_size": distributed.world_size()}]
         if spec.time_budget is not None:
@@ -763,9 +764,11 @@ def _train(spec: RunSpec, progress: bool,
                     next_eval = clock.process + eval_every if eval_every else math.inf
                 else:
                     light("epoch")
+                # (the stop decision is rank 0's, as in the loop condition: every rank then
+                # takes the same branch around the collectives of save())
                 if (checkpoint is not None and spec.checkpoint_every
                         and (it // iters_per_epoch) % spec.checkpoint_every == 0
-                        and not diverged and not distributed.agree(done())):
+                        and not distributed.agree(done())):
                     save()  # not on the clock, like evaluation
             elif clock.process >= next_eval:
                 record("time")
