@@ -185,21 +185,29 @@ class KroneckerOptimizer(torch.optim.Optimizer):
         t0 = time.perf_counter()
         group = self.param_groups[0]
         lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
+        # Every layer's momentum and decay in a few multi-tensor ops (one launch each on a
+        # GPU, instead of several per layer); the preconditioning products stay per layer.
+        active = []
         for layer in self.layers:
             st = self.layer_state.get(layer.name)
             params = layer.helper.params(layer.module)
-            if st is None or params[0].grad is None:
-                continue
-            buf = st["buf"]
-            views = layer.helper.split_matrix(layer.module, buf)
-            buf.mul_(mom)
-            for v, p in zip(views, params):
-                if p.grad is not None:
-                    v.add_(p.grad)
+            if st is not None and params[0].grad is not None:
+                active.append((layer, st, params))
+        if active:
+            torch._foreach_mul_([st["buf"] for _, st, _ in active], mom)
+            views, grads = [], []
+            for layer, st, params in active:
+                for v, p in zip(layer.helper.split_matrix(layer.module, st["buf"]), params):
+                    if p.grad is not None:
+                        views.append(v)
+                        grads.append(p.grad)
+            torch._foreach_add_(views, grads)
+            if wd != 0:  # W - lr (P + wd W) = (1 - lr wd) W - lr P
+                torch._foreach_mul_([p for _, _, params in active for p in params],
+                                    1.0 - lr * wd)
+        for layer, st, params in active:
             P = self._precondition(layer, st)
             for v, p in zip(layer.helper.split_matrix(layer.module, P), params):
-                if wd != 0:
-                    v.add_(p, alpha=wd)
                 p.add_(v.to(p.dtype), alpha=-lr)
         others = [p for g in self.param_groups for p in g["params"]
                   if id(p) not in self._kron_params and p.grad is not None]
