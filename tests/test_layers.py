@@ -357,15 +357,18 @@ def test_helper_for_and_unsupported_reason():
 
 
 def test_conv_A_s_in_sample_chunks_equals_one_chunk(monkeypatch):
-    """The conv A s processes samples in chunks bounded by ``_TAP_CHUNK`` elements: a tiny
-    bound (one or two samples per chunk) gives the same vector to rounding."""
+    """The conv A s processes samples in chunks bounded by ``_TAP_CHUNK`` elements: one, two
+    or all samples per chunk give the unfold reference to rounding."""
     import kbfgs.layers as L
 
     torch.manual_seed(0)
     conv = nn.Conv2d(3, 4, 3, stride=2, padding=1, bias=True).double()
     x = torch.randn(5, 3, 7, 6, dtype=torch.float64)
     s = torch.randn(3 * 9 + 1, dtype=torch.float64)
-    whole = L.Conv2dHelper.A_s(conv, x, s)
-    for bound in (1, 2 * 9 * 9 * 8):  # one sample per chunk; two samples per chunk
+    # independent reference: explicit patches (with the homogeneous 1), E_n sum_t (a_t^T s) a_t
+    cols = F.unfold(x, 3, stride=2, padding=1).transpose(1, 2)  # (n, |T|, 27)
+    a = torch.cat([cols, cols.new_ones(*cols.shape[:2], 1)], dim=2)
+    ref = torch.einsum("ntk,ntj->j", a @ s[:, None], a) / x.shape[0]
+    for bound in (1, 2 * 9 * 9 * 8, 1 << 23):  # 1 sample, 2 samples, all 5 per chunk
         monkeypatch.setattr(L, "_TAP_CHUNK", bound)
-        torch.testing.assert_close(L.Conv2dHelper.A_s(conv, x, s), whole, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(L.Conv2dHelper.A_s(conv, x, s), ref, rtol=1e-12, atol=1e-12)
