@@ -1,0 +1,221 @@
+"""Precision outside float32/float64 eager training (issue 11): conv followed by BatchNorm,
+memory formats, mixed precision, loss scaling, the extra-pass flag, torch.compile."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kbfgs
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class ConvBN(nn.Module):
+    """conv -> BN -> ReLU twice, then a Linear head: both convs feed a BatchNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 4, 3, padding=1)
+        self.b1 = nn.BatchNorm2d(4)
+        self.c2 = nn.Conv2d(4, 4, 3, stride=2, bias=False)
+        self.b2 = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4 * 3 * 3, 3)
+
+    def forward(self, x):
+        x = F.relu(self.b1(self.c1(x)))
+        x = F.relu(self.b2(self.c2(x)))
+        return self.fc(x.flatten(1))
+
+
+def _convbn_data(n=20, m=8, dtype=torch.float64):
+    g = torch.Generator().manual_seed(3)
+    return [(torch.randn(m, 2, 7, 7, generator=g, dtype=dtype),
+             torch.randint(0, 3, (m,), generator=g)) for _ in range(n)]
+
+
+def _train_convbn(dtype, history=None, channels_last=False, steps=20):
+    torch.manual_seed(0)
+    model = ConvBN().to(torch.float64)
+    model = model.to(dtype)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = kbfgs.KBFGS(model, lr=0.05, damping=0.3, history=history)
+    for x, y in _convbn_data(steps):
+        x = x.to(dtype)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+
+        def closure(x=x, y=y):
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    return model, opt
+
+
+@pytest.mark.parametrize("history", [None, 5])
+def test_conv_feeding_batchnorm_float32_equals_float64(history):
+    m32, opt32 = _train_convbn(torch.float32, history)
+    m64, opt64 = _train_convbn(torch.float64, history)
+    for (name, p32), p64 in zip(m32.named_parameters(), m64.parameters()):
+        scale = float(p64.abs().max())
+        err = float((p32.double() - p64).abs().max())
+        assert err <= 1e-4 * max(scale, 1.0), f"{name}: float32 vs float64 differ by {err:.3g}"
+    layers = opt32.stats(condition=False)["layers"]
+    # the conv pairs are rounding noise: skipped and counted apart; the head's pairs are not
+    assert layers["c1"]["skipped_G_rounding"] > 0
+    assert layers["c2"]["skipped_G_rounding"] > 0
+    assert layers["fc"]["skipped_G_rounding"] == 0
+    assert opt64.stats(condition=False)["layers"]["fc"]["skipped_G_rounding"] == 0
+
+
+def test_conv_feeding_batchnorm_channels_last_equals_contiguous():
+    ma, _ = _train_convbn(torch.float32)
+    mb, _ = _train_convbn(torch.float32, channels_last=True)
+    for (name, a), b in zip(ma.named_parameters(), mb.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
+
+
+# ----------------------------------------------------------------------------------------------
+# Mixed precision
+# ----------------------------------------------------------------------------------------------
+
+
+def _mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+
+
+@pytest.mark.parametrize("name", ["kbfgs", "kbfgs-l", "kfac"])
+def test_bf16_autocast_trains_with_float32_curvature(name):
+    model = _mlp()
+    if name == "kfac":
+        opt = kbfgs.KFAC(model, lr=0.05, damping=1.0, likelihood="gaussian")
+    else:
+        opt = kbfgs.KBFGS(model, lr=0.05, damping=1.0, history=5 if name == "kbfgs-l" else None)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(16, 6, generator=g), torch.randn(16, 3, generator=g)
+
+    def closure():
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        loss = 0.5 * (out.float() - y).pow(2).sum(1).mean()
+        loss.backward()
+        return loss
+
+    losses = [float(opt.step(closure)) for _ in range(15)]
+    assert losses[-1] < losses[0]
+    st = opt.state_dict()["kronecker"]["layers"]
+    for layer in st.values():
+        for v in (layer.values() if isinstance(layer, dict) else []):
+            if isinstance(v, torch.Tensor) and v.is_floating_point():
+                assert v.dtype == torch.float32
+    assert opt.stats(condition=False)["curvature_updates"] == 15
+
+
+def test_grad_scaler_unscales_and_skips_an_overflow_with_state_unchanged():
+    model = _mlp()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    opt = kbfgs.KBFGS(model, lr=0.05, damping=1.0, grad_scaler=scaler)
+    ref_model = _mlp()
+    ref = kbfgs.KBFGS(ref_model, lr=0.05, damping=1.0)
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(16, 6, generator=g), torch.randn(16, 3, generator=g)) for _ in range(4)]
+
+    def make(o, mdl, x, y, scale):
+        def closure():
+            o.zero_grad()
+            loss = 0.5 * (mdl(x) - y).pow(2).sum(1).mean()
+            (scaler.scale(loss) if scale else loss).backward()
+            return loss
+        return closure
+
+    for x, y in data[:3]:
+        opt.step(make(opt, model, x, y, True))
+        ref.step(make(ref, ref_model, x, y, False))
+    # a power-of-two scale unscales exactly: the scaled run equals the unscaled run
+    for a, b in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # forced overflow: the step is skipped, state and parameters unchanged, scale reduced
+    before = [p.detach().clone() for p in model.parameters()]
+    sd = copy.deepcopy(opt.state_dict())
+    scale0 = scaler.get_scale()
+    scaler.update(new_scale=2.0 ** 200)  # the scaled loss overflows float32
+    x, y = data[3]
+    opt.step(make(opt, model, x, y, True))
+    assert scaler.get_scale() < 2.0 ** 200
+    for a, b in zip(before, model.parameters()):
+        assert torch.equal(a, b.detach())
+    assert opt.state_dict()["kronecker"]["steps"] == sd["kronecker"]["steps"]
+    assert scale0 > 0
+
+
+def test_in_extra_pass_flag_tells_the_closure_which_pass_runs():
+    model = _mlp()
+    opt = kbfgs.KBFGS(model, lr=0.05, damping=1.0, update_freq=2)
+    seen = []
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(16, 6, generator=g), torch.randn(16, 3, generator=g)
+
+    def closure():
+        seen.append(opt.in_extra_pass)
+        opt.zero_grad()
+        loss = 0.5 * (model(x) - y).pow(2).sum(1).mean()
+        loss.backward()
+        return loss
+
+    for _ in range(4):
+        opt.step(closure)
+    assert seen == [False, False, True, False, False, True]
+    assert opt.in_extra_pass is False
+    with pytest.raises(AttributeError):
+        opt.in_extra_pass = True
+
+
+@pytest.mark.parametrize("name", ["kbfgs", "kfac"])
+def test_compiled_model_gives_the_eager_losses_with_few_recompilations(name):
+    import torch._dynamo as dynamo
+
+    dynamo.reset()
+    losses = {}
+    for compiled in (False, True):
+        model = _mlp()
+        net = torch.compile(model, backend="eager") if compiled else model
+        if name == "kfac":
+            opt = kbfgs.KFAC(net, lr=0.05, damping=1.0, likelihood="gaussian", stat_freq=2,
+                             inv_freq=2)
+        else:
+            opt = kbfgs.KBFGS(net, lr=0.05, damping=1.0, update_freq=2)
+        g = torch.Generator().manual_seed(1)
+        out = []
+        for _ in range(12):
+            x, y = torch.randn(16, 6, generator=g), torch.randn(16, 3, generator=g)
+
+            def closure(x=x, y=y):
+                opt.zero_grad()
+                loss = 0.5 * (net(x) - y).pow(2).sum(1).mean()
+                loss.backward()
+                return loss
+
+            out.append(float(opt.step(closure)))
+        losses[compiled] = out
+    torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]),
+                               rtol=1e-5, atol=1e-6)
+    # plain steps, curvature passes and the extra pass may each need a graph; no recompilation
+    # per step (today: 15 graphs for K-BFGS over 12 steps, Dynamo's limit is 8 per frame)
+    graphs = dynamo.utils.counters["stats"].get("unique_graphs", 0)
+    assert graphs <= 6, dict(dynamo.utils.counters["stats"])
