@@ -9,8 +9,9 @@ This script counts the non-view calls that reach the ATen dispatcher (``TorchDis
 so autograd's backward operators are counted too; views such as slice or reshape launch
 nothing and are not counted) over one window of iterations after a warm-up
 window, on CPU with a small batch and a tiny learning rate (the count depends on neither), and splits
-them by part with the optimizer's own methods (curvature update, preconditioned update,
-non-finite check; the rest is the closures, i.e. the forward-backward passes and hooks).
+them by part with the optimizer's own phases (``opt.phases.current``: curvature update and
+inverses, preconditioned update, non-finite check; the rest is the closures, i.e. the
+forward-backward passes and hooks).
 It prints the counts per iteration and writes ``bench/results/op_count-<problem>.json``.
 """
 
@@ -30,38 +31,28 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import common  # noqa: E402
 
-#: optimizer methods whose operator calls are counted as a part (the rest: closures)
-PARTS = {"_curvature_update": "curvature", "_update_factors": "curvature",
-         "_update_inverses": "curvature", "_apply_update": "update", "_all_finite": "finite"}
+#: optimizer phases (``opt.phases.current``, kbfgs.optim.phases) counted as a part; the calls
+#: outside these phases (the closures: forward-backward passes and hooks) are "closure"
+PARTS = {"curvature": "curvature", "inverse": "curvature", "precondition": "update",
+         "check_finite": "finite"}
 
 
 class _Counter(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
-        self.part = "closure"
+        self.phases: Any = None  # the optimizer's PhaseTimer (None: everything is "closure")
         self.counts: collections.Counter[str] = collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         if not getattr(func, "is_view", False):  # views (slice, reshape, t) launch nothing
-            self.counts[self.part] += 1
+            current = self.phases.current if self.phases is not None else None
+            self.counts[PARTS.get(current, "closure")] += 1
         return func(*args, **(kwargs or {}))
 
 
 def _wrap(opt: Any, counter: _Counter) -> None:
-    """Attribute the calls inside the optimizer's part methods to that part."""
-    for name, part in PARTS.items():
-        fn = getattr(opt, name, None)
-        if fn is None:
-            continue
-
-        def wrapped(*a: Any, _fn: Any = fn, _part: str = part, **k: Any) -> Any:
-            outer, counter.part = counter.part, _part
-            try:
-                return _fn(*a, **k)
-            finally:
-                counter.part = outer
-
-        setattr(opt, name, wrapped)
+    """Attribute the calls to the optimizer's phase in progress (``opt.phases.current``)."""
+    counter.phases = getattr(opt, "phases", None)
 
 
 def count(problem: str, label: str, window: int) -> dict[str, Any]:

@@ -245,40 +245,14 @@ def peak_memory(problem: str, labels: list[str], args: argparse.Namespace
 # Profile of one method (torch.profiler, CPU activity; CUDA activity too on a GPU)
 # --------------------------------------------------------------------------------------------
 
-#: optimizer methods wrapped in ``record_function`` ranges when profiling (their *self* time in
-#: the profile is the Python / dispatch time inside them not covered by a child op)
-_ANNOTATE = ("_all_finite", "_check_records", "_save_rng", "_apply_update", "_precondition",
-             "_curvature_update", "_s_A_by_name", "_update_factors", "_update_inverses",
-             "_factor_pass")
-
-
 def _annotate(runner: Runner) -> None:
+    """Label the two closure calls of a step in the profile. The optimizers' own phases appear
+    as ``kbfgs::<phase>`` ranges (``forward_backward``, ``check_finite``, ``precondition``,
+    ``extra_pass``, ``curvature``, ``inverse``), emitted by ``kbfgs.optim.phases.PhaseTimer``
+    while a profiler runs; no optimizer method is patched."""
     from torch.profiler import record_function
 
     opt = runner.opt
-    for name in _ANNOTATE:
-        fn = getattr(opt, name, None)
-        if fn is None:
-            continue
-
-        def wrapped(*a, __fn=fn, __name=name, **k):
-            with record_function(f"opt::{__name}"):
-                return __fn(*a, **k)
-
-        setattr(opt, name, wrapped)
-    cap = getattr(opt, "capture", None)
-    if cap is not None:
-        make = cap._forward_hook
-
-        def forward_hook(*a, **k):
-            hook = make(*a, **k)
-
-            def h(*ha, **hk):
-                with record_function("capture::forward_hook"):
-                    return hook(*ha, **hk)
-            return h
-
-        cap._forward_hook = forward_hook
     closure = runner.closure
     calls = [0]
     step = opt.step

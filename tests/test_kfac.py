@@ -297,7 +297,7 @@ def test_factors_pi_and_inverses_match_explicit_formulas(kind, likelihood):
     ref = ref_factors(copy.deepcopy(model), x, likelihood, ref_seed(seed, "step", 1))
     assert set(ref) == set(opt.layer_state)
     for name, (Omega, Gamma) in ref.items():
-        st = opt.layer_state[name]
+        st = opt.layer_state[name].to_state_dict()
         torch.testing.assert_close(st["Omega"], Omega, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(st["Gamma"], Gamma, rtol=1e-10, atol=1e-12)
         H_O, H_G, pi = ref_inverses(Omega, Gamma, damping)
@@ -317,7 +317,7 @@ def test_sum_reduction_gives_the_same_factors():
         model = make_model("mlp")
         opt = kbfgs.KFAC(model, lr=0.0, damping=1.0, inv_freq=1, loss_reduction=red)
         opt.step(make_closure(opt, model, x, y, loss_fn("categorical", red)))
-        sts.append(opt.layer_state)
+        sts.append({n: st.to_state_dict() for n, st in opt.layer_state.items()})
     for name in sts[0]:
         for key in ("Omega", "Gamma", "H_Omega", "H_Gamma"):
             torch.testing.assert_close(sts[0][name][key], sts[1][name][key], rtol=1e-10,
@@ -331,7 +331,7 @@ def test_inplace_activation_after_a_layer_does_not_change_gamma():
         model = make_model("mlp", inplace=inplace)
         opt = kbfgs.KFAC(model, lr=0.1, damping=1.0, inv_freq=1)
         opt.step(make_closure(opt, model, x, y, loss_fn("categorical")))
-        sts.append(opt.layer_state)
+        sts.append({n: st.to_state_dict() for n, st in opt.layer_state.items()})
     for name in sts[0]:
         torch.testing.assert_close(sts[0][name]["Gamma"], sts[1][name]["Gamma"], rtol=0, atol=0)
 
@@ -355,9 +355,9 @@ def test_steps_match_dense_reference(kind, likelihood, stat_freq, inv_freq, wd, 
         ref.warm_start(xs)
         assert opt.warm_started
         for name, st in ref.st.items():
-            torch.testing.assert_close(opt.layer_state[name]["Omega"], st["Omega"], rtol=1e-10,
+            torch.testing.assert_close(opt.layer_state[name].Omega, st["Omega"], rtol=1e-10,
                                        atol=1e-12)
-            torch.testing.assert_close(opt.layer_state[name]["H_Gamma"], st["H_G"], rtol=1e-9,
+            torch.testing.assert_close(opt.layer_state[name].H_Gamma, st["H_G"], rtol=1e-9,
                                        atol=1e-12)
     f = loss_fn(likelihood)
     for k in range(5):
@@ -369,7 +369,7 @@ def test_steps_match_dense_reference(kind, likelihood, stat_freq, inv_freq, wd, 
         for (n, b), (_, c) in zip(model.named_buffers(), twin.named_buffers()):
             torch.testing.assert_close(b, c, rtol=1e-12, atol=1e-12, msg=f"step {k + 1}: {n}")
     for name, st in ref.st.items():
-        torch.testing.assert_close(opt.layer_state[name]["Gamma"], st["Gamma"], rtol=1e-8,
+        torch.testing.assert_close(opt.layer_state[name].Gamma, st["Gamma"], rtol=1e-8,
                                    atol=1e-11)
 
 
@@ -636,7 +636,7 @@ def test_module_called_twice_is_demoted_with_warning():
         opt.step(make_closure(opt, model, x, y, loss_fn("categorical")))
     assert [ly.name for ly in opt.layers] == ["b"]
     opt.step(make_closure(opt, model, x, y, loss_fn("categorical")))
-    assert opt.layer_state["b"]["stat_updates"] == 2
+    assert opt.layer_state["b"].stat_updates == 2
 
 
 def test_lr_scheduler_and_training_progress():
@@ -669,7 +669,7 @@ def _autocast_step(amp, x, y):
         return loss
 
     opt.step(closure)
-    return opt.layer_state, seen
+    return {n: st.to_state_dict() for n, st in opt.layer_state.items()}, seen
 
 
 def test_factor_pass_replays_autocast_and_keeps_curvature_in_float32():
@@ -686,16 +686,16 @@ def test_factor_pass_replays_autocast_and_keeps_curvature_in_float32():
 
 
 def test_inverse_falls_back_to_eigenvalues_when_cholesky_fails():
-    from kbfgs.optim.kfac import _spd_inverse
+    from kbfgs.linalg import damped_spd_inverse
 
     Q, _ = torch.linalg.qr(torch.randn(4, 4, generator=torch.Generator().manual_seed(0),
                                        dtype=DT))
     ev = torch.tensor([3.0, 1.0, 0.5, -1e-9], dtype=DT)  # rounding made M = PSD + 0.5 I indefinite
-    H, fell_back = _spd_inverse((Q * ev) @ Q.T, torch.tensor(0.5, dtype=DT))
+    H, fell_back = damped_spd_inverse((Q * (ev - 0.5)) @ Q.T, torch.tensor(0.5, dtype=DT))
     assert fell_back
     torch.testing.assert_close(H, (Q / ev.clamp_min(0.5)) @ Q.T, rtol=1e-10, atol=1e-12)
     M = (Q * ev.abs().clamp_min(0.5)) @ Q.T
-    H, fell_back = _spd_inverse(M, torch.tensor(0.5, dtype=DT))
+    H, fell_back = damped_spd_inverse(M - 0.5 * torch.eye(4, dtype=DT), 0.5)
     assert not fell_back
     torch.testing.assert_close(H, torch.linalg.inv(M), rtol=1e-10, atol=1e-12)
 

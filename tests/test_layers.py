@@ -120,8 +120,8 @@ def test_theorem_2_1_conv_gradient(geom, bias):
     got = w_grad(conv)
     assert torch.allclose(got, ref, rtol=1e-10, atol=1e-10)
     # dims and split_matrix agree with the W = [weight.reshape(out, -1), bias] layout
-    assert Conv2dHelper.dims(conv) == tuple(ref.shape)
-    views = Conv2dHelper.split_matrix(conv, ref)
+    assert Conv2dHelper(conv).dims() == tuple(ref.shape)
+    views = Conv2dHelper(conv).split_matrix(ref)
     assert len(views) == (2 if bias else 1)
     assert torch.allclose(views[0], conv.weight.grad, rtol=1e-10, atol=1e-10)
     if bias:
@@ -141,7 +141,7 @@ def test_theorem_2_1_linear_gradient(shape, bias):
     a = linear_patches(x, bias)
     ref = torch.einsum("nto,ntk->ok", g, a)
     assert torch.allclose(w_grad(lin), ref, rtol=1e-10, atol=1e-10)
-    assert LinearHelper.dims(lin) == tuple(ref.shape)
+    assert LinearHelper(lin).dims() == tuple(ref.shape)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,13 +160,13 @@ def test_conv_curvature_vectors(geom, bias):
     A_ref = explicit_A(a)
     s = torch.randn(K, dtype=DT)
     # A s = (mean_n sum_t a_t a_t^T) s
-    got = Conv2dHelper.A_s(conv, x, s)
+    got = Conv2dHelper(conv).A_s(x, s)
     assert got.shape == (K,)
     assert torch.allclose(got, A_ref @ s, rtol=1e-10, atol=1e-10)
     # the explicit A
-    assert torch.allclose(Conv2dHelper.A(conv, x), A_ref, rtol=1e-10, atol=1e-10)
+    assert torch.allclose(Conv2dHelper(conv).A(x), A_ref, rtol=1e-10, atol=1e-10)
     # a_bar = mean over n and t of a_t
-    a_bar = Conv2dHelper.a_bar(conv, x)
+    a_bar = Conv2dHelper(conv).a_bar(x)
     assert torch.allclose(a_bar, a.mean(dim=(0, 1)), rtol=1e-10, atol=1e-12)
     if bias:
         assert float(a_bar[-1]) == pytest.approx(1.0, abs=1e-14)
@@ -175,7 +175,7 @@ def test_conv_curvature_vectors(geom, bias):
         h = conv(x)
     assert torch.allclose(Conv2dHelper.h_bar(h), h.mean(dim=(0, 2, 3)), rtol=1e-12, atol=1e-14)
     T = a.shape[1]
-    assert Conv2dHelper.locations(conv, h) == T == h.shape[2] * h.shape[3]
+    assert Conv2dHelper(conv).locations(h) == T == h.shape[2] * h.shape[3]
 
 
 def test_conv_frozen_bias_has_no_homogeneous_one():
@@ -184,10 +184,10 @@ def test_conv_frozen_bias_has_no_homogeneous_one():
     x = torch.randn(2, 2, IN_HW, IN_HW, dtype=DT)
     a = conv_patches(conv, x, bias=False)
     K = a.shape[2]
-    assert Conv2dHelper.dims(conv) == (3, K)
+    assert Conv2dHelper(conv).dims() == (3, K)
     s = torch.randn(K, dtype=DT)
-    assert torch.allclose(Conv2dHelper.A_s(conv, x, s), explicit_A(a) @ s, rtol=1e-10, atol=1e-10)
-    assert torch.allclose(Conv2dHelper.a_bar(conv, x), a.mean(dim=(0, 1)), rtol=1e-10)
+    assert torch.allclose(Conv2dHelper(conv).A_s(x, s), explicit_A(a) @ s, rtol=1e-10, atol=1e-10)
+    assert torch.allclose(Conv2dHelper(conv).a_bar(x), a.mean(dim=(0, 1)), rtol=1e-10)
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -200,18 +200,18 @@ def test_linear_curvature_vectors(shape, bias):
     K = a.shape[2]
     A_ref = explicit_A(a)
     s = torch.randn(K, dtype=DT)
-    got = LinearHelper.A_s(lin, x, s)
+    got = LinearHelper(lin).A_s(x, s)
     assert got.shape == (K,)
     assert torch.allclose(got, A_ref @ s, rtol=1e-10, atol=1e-12)
-    assert torch.allclose(LinearHelper.A(lin, x), A_ref, rtol=1e-10, atol=1e-12)
-    assert torch.allclose(LinearHelper.a_bar(lin, x), a.mean(dim=(0, 1)), rtol=1e-12, atol=1e-14)
+    assert torch.allclose(LinearHelper(lin).A(x), A_ref, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(LinearHelper(lin).a_bar(x), a.mean(dim=(0, 1)), rtol=1e-12, atol=1e-14)
     with torch.no_grad():
         h = lin(x)
     h_ref = h.reshape(shape[0], -1, 3).mean(dim=(0, 1))
     assert torch.allclose(LinearHelper.h_bar(h), h_ref, rtol=1e-12, atol=1e-14)
     positions = math.prod(shape[1:-1])
-    assert LinearHelper.locations(lin, h) == positions == a.shape[1]
-    assert LinearHelper.dims(lin) == (3, K)
+    assert LinearHelper(lin).locations(h) == positions == a.shape[1]
+    assert LinearHelper(lin).dims() == (3, K)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -371,4 +371,4 @@ def test_conv_A_s_in_sample_chunks_equals_one_chunk(monkeypatch):
     ref = torch.einsum("ntk,ntj->j", a @ s[:, None], a) / x.shape[0]
     for bound in (1, 2 * 9 * 9 * 8, 1 << 23):  # 1 sample, 2 samples, all 5 per chunk
         monkeypatch.setattr(L, "_TAP_CHUNK", bound)
-        torch.testing.assert_close(L.Conv2dHelper.A_s(conv, x, s), ref, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(L.Conv2dHelper(conv).A_s(x, s), ref, rtol=1e-12, atol=1e-12)

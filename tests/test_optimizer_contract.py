@@ -535,3 +535,68 @@ def test_non_finite_extra_pass_leaves_H_G_unchanged_and_counts_a_skip(history):
             assert torch.equal(st["S"], before[name]["S"])
         assert torch.equal(st["s_G"], before[name]["s_G"])
         assert int(st["skipped_G"]) == int(before[name]["skipped_G"]) + 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Phase timer
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["kbfgs", "kfac"])
+def test_phases_are_timed_named_alike_and_visible_while_running(name):
+    """Both optimizers time the same phases; ``phases.current`` names the phase in progress."""
+    model = make_mlp()
+    opt = kbfgs.KBFGS(model, lr=0.1, damping=1.0) if name == "kbfgs" else \
+        kbfgs.KFAC(model, lr=0.1, damping=1.0, inv_freq=1)
+    x, y = torch.randn(5, 6), torch.randint(0, 3, (5,))
+    seen = []
+
+    def closure():
+        seen.append(opt.phases.current)
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    model.register_forward_hook(lambda m, a, o: seen.append(opt.phases.current))
+    opt.step(closure)
+    assert opt.phases.current is None
+    # the closure runs in forward_backward; K-BFGS's extra pass runs it again, KFAC replays
+    # only the model's forward
+    expected = ["forward_backward", "forward_backward", "extra_pass", "extra_pass"]
+    assert seen == (expected if name == "kbfgs" else expected[:3])
+    times = opt.stats(condition=False)["time"]
+    want = {"forward_backward", "check_finite", "precondition", "extra_pass", "curvature",
+            "hooks"} | ({"inverse"} if name == "kfac" else set())
+    assert set(times) == want and all(v >= 0 for v in times.values())
+    assert times["forward_backward"] > 0 and times["curvature"] > 0
+
+
+def test_phase_ranges_only_while_a_profiler_runs(monkeypatch):
+    """``kbfgs::<phase>`` ranges appear in a profile; without a profiler none is opened."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from kbfgs.optim import phases
+
+    model = make_mlp()
+    opt = kbfgs.KBFGS(model, lr=0.1, damping=1.0)
+    x, y = torch.randn(5, 6), torch.randint(0, 3, (5,))
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        opt.step(closure)
+    names = {e.name for e in prof.events()}
+    assert {"kbfgs::forward_backward", "kbfgs::extra_pass", "kbfgs::curvature",
+            "kbfgs::precondition", "kbfgs::check_finite"} <= names
+
+    def forbidden(*a, **k):
+        raise AssertionError("record_function entered without a profiler")
+
+    monkeypatch.setattr(phases, "record_function", forbidden)
+    opt.step(closure)
+    assert opt.steps == 2

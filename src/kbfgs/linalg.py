@@ -10,21 +10,23 @@ curvature pair, ``H y`` the action of ``H`` on ``y``.
 
 from __future__ import annotations
 
-from typing import Callable, Union
+from typing import Callable
 
 import torch
 from torch import Tensor
 
-Operator = Union[Tensor, Callable[[Tensor], Tensor]]
+Operator = Tensor | Callable[[Tensor], Tensor]
 
 __all__ = [
     "apply_operator",
     "bfgs_update",
+    "condition_number",
+    "damped_spd_inverse",
+    "double_damping",
     "dpdlm",
     "dpidlm",
-    "double_damping",
-    "lbfgs_compact_factors",
     "lbfgs_apply",
+    "lbfgs_compact_factors",
     "lbfgs_dense",
     "pair_is_valid",
 ]
@@ -38,7 +40,7 @@ def apply_operator(H: Operator, x: Tensor) -> Tensor:
 
 
 def pair_is_valid(s: Tensor, y: Tensor) -> Tensor:
-    """0-dim bool tensor: ``s^T y > 0`` and every entry finite (spec section 2, point 6)."""
+    """0-dim bool tensor: ``s^T y > 0`` and every entry finite (docs/api.md)."""
     sy = torch.dot(s, y)
     return (sy > 0) & torch.isfinite(sy) & torch.isfinite(s).all() & torch.isfinite(y).all()
 
@@ -119,7 +121,7 @@ def dpidlm(s: Tensor, y: Tensor, mu1: float, mu2: float) -> tuple[Tensor, Tensor
 def double_damping(
     s: Tensor, y: Tensor, H: Operator, mu1: float, mu2: float
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The double damping of Goldfarb et al. (2020), spec section 4 (K-BFGS-20).
+    """The double damping of Goldfarb et al. (2020) (K-BFGS-20; docs/api.md).
 
     Powell's damping on ``H`` with ``mu1``, then, with ``mu2`` in (0, 1]: if
     ``s^T y < mu2 s^T s``, ``y <- theta2 y + (1 - theta2) s`` with
@@ -182,3 +184,30 @@ def lbfgs_dense(U: Tensor, M: Tensor, gamma: float, n: int) -> Tensor:
     """The dense ``n x n`` matrix of the compact operator (diagnostics only)."""
     eye = torch.eye(n, dtype=M.dtype, device=M.device)
     return lbfgs_apply(U, M, gamma, eye)
+
+
+def damped_spd_inverse(M: Tensor, damping: float | Tensor) -> tuple[Tensor, bool]:
+    """``(M + damping I)^-1`` for a symmetric positive semi-definite ``M`` and ``damping > 0``.
+
+    The damped inverses of the paper: Algorithm 3's ``H_A = (A + lambda_A I)^-1`` (and the warm
+    start of Algorithm 2 line 3), Algorithm 5 line 19's ``(Omega + pi sqrt(lambda) I)^-1`` and
+    ``(Gamma + sqrt(lambda) / pi I)^-1``. By Cholesky; when the factorisation fails (``damping``
+    below rounding level relative to ``M``), by the eigenvalues of the symmetrised matrix
+    clamped to ``damping``, their exact lower bound. Returns ``(inverse, used_the_fallback)``.
+    One host synchronisation (the Cholesky status), as a raising Cholesky has.
+    """
+    eye = torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
+    D = M + damping * eye
+    L, info = torch.linalg.cholesky_ex(D)
+    if int(info) == 0:
+        return torch.cholesky_inverse(L), False
+    ev, V = torch.linalg.eigh(0.5 * (D + D.mT))
+    return (V / ev.clamp_min(damping)) @ V.mT, True
+
+
+def condition_number(H: Tensor) -> float:
+    """Condition number of a symmetric positive definite matrix: the ratio of its largest to
+    its smallest eigenvalue (in float64); ``inf`` when the smallest is not positive."""
+    ev = torch.linalg.eigvalsh(H.double())
+    lo = float(ev[0])
+    return float("inf") if lo <= 0 else float(ev[-1]) / lo

@@ -2,35 +2,29 @@
 the reliability contract (non-finite skip, exact resume), warm start and diagnostics.
 
 A subclass provides ``_init_layer`` (layer state), ``_precondition`` (P = H_G BUF H_A) and its
-own ``step``; this class keeps hooks, state and I/O at the edges of the pure math.
+own ``step``; this class keeps hooks (through ``kbfgs.capture``), state and I/O at the edges of
+the pure math (``kbfgs.linalg``), and times the phases of a step (``PhaseTimer``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
-import time
 import warnings
 from collections import defaultdict
-from typing import Any, Callable, Iterable, Iterator, Optional
+from collections.abc import Iterable, Iterator
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
 from .. import distributed
 from ..capture import Capture, KroneckerLayer, LayerRecord
+from ..distributed import unwrap_model
 from ..layers import helper_for, unsupported_reason
+from .phases import PhaseTimer
+from .validation import check_common, check_int
 
 __all__ = ["KroneckerOptimizer", "aligned_copy", "all_finite", "two_sided_product", "unwrap_model"]
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The inner module of a ``DistributedDataParallel`` / ``DataParallel`` wrapper."""
-    from torch.nn.parallel import DataParallel, DistributedDataParallel
-
-    while isinstance(model, (DistributedDataParallel, DataParallel)):
-        model = model.module
-    return model
 
 
 class KroneckerOptimizer(torch.optim.Optimizer):
@@ -48,9 +42,8 @@ class KroneckerOptimizer(torch.optim.Optimizer):
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        _validate_common(defaults)
-        if isinstance(update_freq, bool) or int(update_freq) != update_freq or update_freq < 1:
-            raise ValueError(f"{update_freq_name} must be an integer >= 1, got {update_freq!r}")
+        check_common(defaults)
+        check_int(update_freq_name, update_freq, 1)
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
         self.model = model
@@ -63,17 +56,24 @@ class KroneckerOptimizer(torch.optim.Optimizer):
             raise ValueError("model has no trainable parameters")
         super().__init__(params, defaults)
         self.layers: list[KroneckerLayer] = _find_layers(inner)
-        self.layer_state: dict[str, dict[str, Any]] = {}
-        self.capture = Capture(self.layers, self._curvature_dtype, loss_reduction)
+        #: per-layer state (a dataclass of the subclass), by layer name
+        self.layer_state: dict[str, Any] = {}
+        self.capture = Capture(self.layers, self._curvature_dtype, loss_reduction, root=inner)
         self.steps = 0  # k of the paper: number of completed steps
         self.warm_started = False
         self.skipped_steps = 0
         self.curvature_updates = 0
-        self.times: dict[str, float] = defaultdict(float)
+        #: ``with self.phases("curvature"): ...`` times a phase of the step (``stats()["time"]``)
+        self.phases = PhaseTimer()
         self._warned: set[str] = set()
         self.demoted: list[str] = []
         self._scratch: dict = {}  # preconditioning scratch shared by all layers
-        self._kron_params = {id(p) for layer in self.layers for p in layer.helper.params(layer.module)}
+        self._kron_params = {id(p) for layer in self.layers for p in layer.helper.params()}
+
+    @property
+    def times(self) -> dict[str, float]:
+        """Host seconds per phase (the dict ``stats()["time"]`` reports, without ``hooks``)."""
+        return self.phases.seconds
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
@@ -99,8 +99,8 @@ class KroneckerOptimizer(torch.optim.Optimizer):
                     UserWarning, stacklevel=3,
                 )
             st = self.layer_state.pop(layer.name, None)
-            views = layer.helper.split_matrix(layer.module, st["buf"]) if st else None
-            for i, p in enumerate(layer.helper.params(layer.module)):
+            views = layer.helper.split_matrix(st.buf) if st else None
+            for i, p in enumerate(layer.helper.params()):
                 self._kron_params.discard(id(p))
                 if views is not None and "momentum_buffer" not in self.state[p]:
                     self.state[p]["momentum_buffer"] = views[i].clone()
@@ -112,7 +112,7 @@ class KroneckerOptimizer(torch.optim.Optimizer):
                      "is called more than once in one forward pass")
 
     @staticmethod
-    def _require_closure(closure: Optional[Callable]) -> Callable:
+    def _require_closure(closure: Callable | None) -> Callable:
         if closure is None:
             raise RuntimeError(
                 "step() requires a closure: closure() must zero the gradients, run the forward "
@@ -123,11 +123,12 @@ class KroneckerOptimizer(torch.optim.Optimizer):
 
     def _all_finite(self, loss: Any) -> bool:
         """One host sync: is the loss and every gradient finite (the same answer on all ranks)?"""
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        ok = all_finite(loss, grads)
-        dev = grads[0].device if grads else torch.device("cpu")
-        # a loss is local to a rank: every rank must take the same skip decision
-        return distributed.all_true(ok, distributed.process_group(self.model), dev)
+        with self.phases("check_finite"):
+            grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+            ok = all_finite(loss, grads)
+            dev = grads[0].device if grads else torch.device("cpu")
+            # a loss is local to a rank: every rank must take the same skip decision
+            return distributed.all_true(ok, distributed.process_group(self.model), dev)
 
     def _skip_step(self, loss: Any) -> Any:
         self.skipped_steps += 1
@@ -182,7 +183,10 @@ class KroneckerOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def _apply_update(self) -> None:
         """Momentum on every parameter, P = H_G BUF_W H_A on Kronecker layers, then the step."""
-        t0 = time.perf_counter()
+        with self.phases("precondition"):
+            self._momentum_and_step()
+
+    def _momentum_and_step(self) -> None:
         group = self.param_groups[0]
         lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
         # Every layer's momentum and decay in a few multi-tensor ops (one launch each on a
@@ -190,14 +194,14 @@ class KroneckerOptimizer(torch.optim.Optimizer):
         active = []
         for layer in self.layers:
             st = self.layer_state.get(layer.name)
-            params = layer.helper.params(layer.module)
+            params = layer.helper.params()
             if st is not None and params[0].grad is not None:
                 active.append((layer, st, params))
         if active:
-            torch._foreach_mul_([st["buf"] for _, st, _ in active], mom)
+            torch._foreach_mul_([st.buf for _, st, _ in active], mom)
             views, grads = [], []
             for layer, st, params in active:
-                for v, p in zip(layer.helper.split_matrix(layer.module, st["buf"]), params):
+                for v, p in zip(layer.helper.split_matrix(st.buf), params):
                     if p.grad is not None:
                         views.append(v)
                         grads.append(p.grad)
@@ -207,7 +211,7 @@ class KroneckerOptimizer(torch.optim.Optimizer):
                                     1.0 - lr * wd)
         for layer, st, params in active:
             P = self._precondition(layer, st)
-            for v, p in zip(layer.helper.split_matrix(layer.module, P), params):
+            for v, p in zip(layer.helper.split_matrix(P), params):
                 p.add_(v.to(p.dtype), alpha=-lr)
         others = [p for g in self.param_groups for p in g["params"]
                   if id(p) not in self._kron_params and p.grad is not None]
@@ -225,7 +229,6 @@ class KroneckerOptimizer(torch.optim.Optimizer):
             else:
                 steps = bufs
             torch._foreach_add_(others, steps, alpha=-lr * self._other_lr_scale(group))
-        self.times["precondition"] += time.perf_counter() - t0
 
     def _other_lr_scale(self, group: dict) -> float:
         return 1.0
@@ -240,7 +243,11 @@ class KroneckerOptimizer(torch.optim.Optimizer):
         The model runs in its current mode without gradients; its buffers (BatchNorm running
         statistics) are restored afterwards.
         """
-        t0 = time.perf_counter()
+        with self.phases("warm_start"):
+            self._warm_start(inputs)
+        self.warm_started = True
+
+    def _warm_start(self, inputs: Iterable[Any]) -> None:
         inner = unwrap_model(self.model)
         buffers = [(b, b.clone()) for b in inner.buffers()]
         sums: dict[str, Tensor] = {}
@@ -253,7 +260,7 @@ class KroneckerOptimizer(torch.optim.Optimizer):
                 if not isinstance(x, Tensor):
                     raise TypeError("warm_start expects an iterable of tensors or (input, ...) "
                                     f"tuples, got an element of type {type(x).__name__}")
-                with self.capture.record("warm") as recs:
+                with self.capture.warm() as recs:
                     inner(x.to(device))
                 self._check_records(recs)
                 for name, r in recs.items():
@@ -265,23 +272,26 @@ class KroneckerOptimizer(torch.optim.Optimizer):
         finally:
             for b, saved in buffers:
                 b.copy_(saved)
-        distributed.reduce_warm_start(self.layers, sums, count, locations, self._curvature_dtype,
-                                      distributed.process_group(self.model))
+        _reduce_warm_start(self.layers, sums, count, locations, self._curvature_dtype,
+                           distributed.process_group(self.model))
         if not sums:
             raise ValueError("warm_start received no input batches (or no Kronecker layer ran)")
         for layer in self.layers:
             if layer.name in sums:
                 self._warm_layer(layer, locations[layer.name], sums[layer.name] / count[layer.name])
-        self.warm_started = True
-        self.times["warm_start"] += time.perf_counter() - t0
 
     def _warm_layer(self, layer: KroneckerLayer, locations: int, A0: Tensor) -> None:
         self._init_layer(layer, locations, A0)
 
-    def _init_layer(self, layer: KroneckerLayer, locations: int, A0: Optional[Tensor] = None) -> dict:
+    def _init_layer(self, layer: KroneckerLayer, locations: int, A0: Tensor | None = None) -> Any:
         raise NotImplementedError
 
-    def _precondition(self, layer: KroneckerLayer, st: dict) -> Tensor:
+    def _precondition(self, layer: KroneckerLayer, st: Any) -> Tensor:
+        raise NotImplementedError
+
+    def _layer_state_from_dict(self, d: dict[str, Any], device: torch.device) -> Any:
+        """A layer's state from its :meth:`state_dict` form (tensors copied with
+        :func:`aligned_copy` onto ``device``)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ state
@@ -292,8 +302,7 @@ class KroneckerOptimizer(torch.optim.Optimizer):
             "warm_started": self.warm_started,
             "skipped_steps": self.skipped_steps,
             "curvature_updates": self.curvature_updates,
-            "layers": {name: {k: v for k, v in st.items() if not k.startswith("_")}
-                       for name, st in self.layer_state.items()},
+            "layers": {name: st.to_state_dict() for name, st in self.layer_state.items()},
             "demoted": list(self.demoted),
         }
         return sd
@@ -319,12 +328,8 @@ class KroneckerOptimizer(torch.optim.Optimizer):
             st = extra["layers"].get(layer.name)
             if st is None:
                 continue
-            device = layer.module.weight.device
-            self.layer_state[layer.name] = {
-                k: (aligned_copy(v.detach().to(device)) if isinstance(v, Tensor)
-                    else copy.deepcopy(v))
-                for k, v in st.items()
-            }
+            self.layer_state[layer.name] = self._layer_state_from_dict(
+                st, layer.module.weight.device)
 
     # ------------------------------------------------------------------ diagnostics
     def stats(self, condition: bool = True) -> dict[str, Any]:
@@ -342,7 +347,7 @@ class KroneckerOptimizer(torch.optim.Optimizer):
                        for layer in self.layers if layer.name in self.layer_state},
         }
 
-    def _layer_stats(self, layer: KroneckerLayer, st: dict, condition: bool) -> dict[str, Any]:
+    def _layer_stats(self, layer: KroneckerLayer, st: Any, condition: bool) -> dict[str, Any]:
         return {}
 
 
@@ -408,16 +413,33 @@ def all_finite(loss: Any, grads: list[Tensor]) -> bool:
     return not vals or bool(torch.isfinite(torch.cat(vals)).all())
 
 
-def _validate_common(d: dict[str, Any]) -> None:
-    lr, damping, mom, wd = d["lr"], d["damping"], d["momentum"], d["weight_decay"]
-    if not isinstance(lr, (int, float)) or not lr >= 0.0:
-        raise ValueError(f"lr must be a number >= 0, got {lr!r}")
-    if not isinstance(damping, (int, float)) or not damping > 0.0:
-        raise ValueError(f"damping must be a number > 0, got {damping!r}")
-    if not isinstance(mom, (int, float)) or not 0.0 <= mom < 1.0:
-        raise ValueError(f"momentum must be in [0, 1), got {mom!r}")
-    if not isinstance(wd, (int, float)) or not wd >= 0.0:
-        raise ValueError(f"weight_decay must be a number >= 0, got {wd!r}")
+def _reduce_warm_start(layers: list[KroneckerLayer], sums: dict[str, Tensor],
+                       count: dict[str, int], locations: dict[str, int],
+                       dtype_fn: Callable[[nn.Module], torch.dtype], group: Any) -> None:
+    """Sum the warm-start sums ``sum_n sum_t a_t a_t^T`` and sample counts over ``group``, in
+    place (``sums``, ``count``, ``locations`` are updated; one flat all-reduce). A rank without
+    data for a layer contributes zeros, so every rank passes the same layout. No-op without a
+    group."""
+    if group is None:
+        return
+    header = []
+    mats = []
+    for layer in layers:
+        cols = layer.helper.dims()[1]
+        dev = layer.module.weight.device
+        present = layer.name in sums
+        mats.append(sums[layer.name] if present else
+                    torch.zeros(cols, cols, dtype=dtype_fn(layer.module), device=dev))
+        header.append(torch.tensor([float(count.get(layer.name, 0)), float(present),
+                                    float(locations.get(layer.name, 0))],
+                                   dtype=torch.float64, device=dev))
+    distributed.all_reduce_flat(header + mats, group, average=False)
+    for layer, h, A in zip(layers, header, mats):
+        n, ranks, locs = h.tolist()
+        if n > 0:
+            sums[layer.name] = A
+            count[layer.name] = round(n)
+            locations[layer.name] = round(locs / ranks)
 
 
 def _unique_params(model: nn.Module) -> list[nn.Parameter]:
@@ -429,8 +451,8 @@ def _find_layers(model: nn.Module) -> list[KroneckerLayer]:
     found: list[KroneckerLayer] = []
     owners: dict[int, list[str]] = defaultdict(list)
     for name, module in model.named_modules():
-        helper = helper_for(module)
-        if helper is None or getattr(module, "weight", None) is None:
+        helper_cls = helper_for(module)
+        if helper_cls is None or getattr(module, "weight", None) is None:
             continue
         if not module.weight.requires_grad:
             continue
@@ -440,8 +462,9 @@ def _find_layers(model: nn.Module) -> list[KroneckerLayer]:
                           "a Kronecker layer; its parameters are updated as other parameters "
                           "(momentum SGD)", UserWarning, stacklevel=4)
             continue
-        found.append(KroneckerLayer(name or type(module).__name__, module, helper))
-        for p in helper.params(module):
+        helper = helper_cls(module)  # the bias flag is fixed here
+        found.append(KroneckerLayer(name or type(module).__name__, helper))
+        for p in helper.params():
             owners[id(p)].append(name)
     shared = {n for names in owners.values() if len(names) > 1 for n in names}
     for name in sorted(shared):

@@ -1,28 +1,182 @@
-"""K-BFGS and K-BFGS(L) (Algorithm 2), with the 2020 variants of spec section 4.
+"""K-BFGS and K-BFGS(L) (Algorithm 2), with the 2020 variants (Goldfarb et al. 2020).
 
-The optimizer owns state and the order of operations; the math comes from ``kbfgs.linalg``
-(BFGS update, damping, compact L-BFGS) and ``kbfgs.layers`` (per-layer vectors), the vectors
-from ``kbfgs.capture`` (hooks that exist only during a curvature pass).
+The optimizer owns the state (:class:`KBFGSLayerState`, :class:`DenseLayerState`,
+:class:`LimitedLayerState`) and the order of operations; each step of Algorithm 2's curvature
+update is a small pure function below citing its line; the math comes from ``kbfgs.linalg``
+(BFGS update, damping, compact L-BFGS, damped inverse) and ``kbfgs.layers`` (per-layer
+vectors), the vectors from ``kbfgs.capture`` (hooks that exist only during a curvature pass).
 """
 
 from __future__ import annotations
 
 import contextlib
-import time
-from typing import Any, Callable, Optional
+import copy
+from dataclasses import dataclass, fields
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
 from .. import distributed, linalg
-from ..capture import KroneckerLayer, LayerRecord
+from ..capture import KroneckerLayer, LayerRecord, reduce_kbfgs_records
+from ..layers import damping_split as _damping_split
 from .base import KroneckerOptimizer, aligned_copy, two_sided_product
+from .validation import check_choice, check_int, check_number
 
-__all__ = ["KBFGS"]
+__all__ = [
+    "DAMPING_RULES",
+    "KBFGS",
+    "DenseLayerState",
+    "KBFGSLayerState",
+    "LimitedLayerState",
+    "average_pair",
+    "lbfgs_push",
+    "mask_pair",
+    "y_A_minibatch",
+    "y_A_moving_average",
+]
 
-_DAMPING_RULES = ("dpdlm", "dd", "dpidlm")
 _HESSIAN_ACTIONS = ("minibatch", "moving_average", "exact")
 _SPLITS = ("spatial", "sqrt")
+
+
+# ---------------------------------------------------------------------------------------------
+# The steps of Algorithm 2's curvature update (pure functions)
+# ---------------------------------------------------------------------------------------------
+
+
+def y_A_minibatch(A_s: Tensor, s_A: Tensor, lam_A: float) -> Tensor:
+    """Algorithm 2 line 16 (eq. 15): ``y_A = A s_A + lambda_A s_A``, ``A s_A`` from the hooks."""
+    return A_s + lam_A * s_A
+
+
+def y_A_moving_average(A_avg: Tensor, A_mb: Tensor, s_A: Tensor, lam_A: float,
+                       beta: float) -> Tensor:
+    """The 2020 variant of line 16: ``A = beta A + (1 - beta) A_minibatch`` (``A_avg`` updated
+    in place), then ``y_A = A s_A + lambda_A s_A``."""
+    A_avg.mul_(beta).add_(A_mb, alpha=1.0 - beta)
+    return A_avg @ s_A + lam_A * s_A
+
+
+def average_pair(s_G: Tensor, y_G: Tensor, h: Tensor, h_plus: Tensor, Dh: Tensor,
+                 Dh_plus: Tensor, beta: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Algorithm 2 line 19: ``s_G = beta s_G + (1 - beta)(h_bar+ - h_bar)``,
+    ``y_G = beta y_G + (1 - beta)(Dh_bar+ - Dh_bar)``.
+
+    Returns ``(s_G, y_G, finite)``: when a new average is not finite (a diverging extra pass),
+    both are kept unchanged and ``finite`` (0-dim bool) is false."""
+    s_new = beta * s_G + (1.0 - beta) * (h_plus - h)
+    y_new = beta * y_G + (1.0 - beta) * (Dh_plus - Dh)
+    fin = torch.isfinite(s_new).all() & torch.isfinite(y_new).all()
+    return torch.where(fin, s_new, s_G), torch.where(fin, y_new, y_G), fin
+
+
+def _dpdlm(s: Tensor, y: Tensor, H: linalg.Operator, mu1: float, mu2: float
+           ) -> tuple[Tensor, Tensor, Tensor]:
+    return linalg.dpdlm(s, y, H, mu1, mu2)
+
+
+def _double_damping(s: Tensor, y: Tensor, H: linalg.Operator, mu1: float, mu2: float
+                    ) -> tuple[Tensor, Tensor, Tensor]:
+    s_t, y_t, theta, _ = linalg.double_damping(s, y, H, mu1, mu2)
+    return s_t, y_t, theta
+
+
+def _dpidlm(s: Tensor, y: Tensor, H: linalg.Operator, mu1: float, mu2: float
+            ) -> tuple[Tensor, Tensor, Tensor]:
+    return linalg.dpidlm(s, y, mu1, mu2)
+
+
+#: Algorithm 2 line 20: ``(s~_G, y~_G, theta1) = rule(s_G, y_G, H_G, mu1, mu2 = lambda_G)``.
+#: ``"dpdlm"``: D_P D_LM (Algorithm 1); ``"dd"``: the double damping of Goldfarb et al. (2020);
+#: ``"dpidlm"``: D_P(I) D_LM (Algorithm 4, ``H`` replaced by ``I / mu2``).
+DAMPING_RULES: dict[str, Callable[..., tuple[Tensor, Tensor, Tensor]]] = {
+    "dpdlm": _dpdlm,
+    "dd": _double_damping,
+    "dpidlm": _dpidlm,
+}
+
+
+def mask_pair(s: Tensor, y: Tensor, finite: Tensor) -> tuple[Tensor, Tensor]:
+    """The pair itself, or zeros when ``finite`` is false: a non-finite extra pass forms no
+    pair (the zero pair is then rejected by the update and counted as skipped)."""
+    return (torch.where(finite, s, torch.zeros_like(s)),
+            torch.where(finite, y, torch.zeros_like(y)))
+
+
+def lbfgs_push(S: Tensor, Y: Tensor, s: Tensor, y: Tensor, history: int) -> tuple[Tensor, Tensor]:
+    """Algorithm 2 line 21 with L-BFGS: append the pair as the newest columns of ``S``, ``Y``
+    and keep the last ``history``. BFGS is invariant under ``(s, y) -> (s, y) / ||s||``, so the
+    stored ``s`` has unit norm."""
+    c = 1.0 / torch.linalg.vector_norm(s)
+    S = torch.cat([S, (c * s)[:, None]], dim=1)[:, -history:]
+    Y = torch.cat([Y, (c * y)[:, None]], dim=1)[:, -history:]
+    return S.contiguous(), Y.contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-layer state
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class KBFGSLayerState:
+    """Per-layer state of K-BFGS (``(rows, cols)`` the layer's ``W`` shape)."""
+
+    #: ``|T|``, the number of output locations (sets lambda_A, lambda_G)
+    locations: int
+    #: momentum of the gradient, ``(rows, cols)`` in the parameters' dtype
+    buf: Tensor
+    #: ``H_A``, ``(cols, cols)``
+    H_A: Tensor
+    #: moving averages ``s_G``, ``y_G`` (line 19), ``(rows,)``
+    s_G: Tensor
+    y_G: Tensor
+    #: pairs rejected by the BFGS update of H_A / H_G (int64 counters)
+    skipped_A: Tensor
+    skipped_G: Tensor
+    #: Powell's theta1 of the last damping
+    theta: Tensor
+    #: the moving average of A (``hessian_action="moving_average"`` only), ``(cols, cols)``
+    A: Tensor | None = None
+
+    #: fields not saved by :meth:`to_state_dict`
+    _transient = ()
+
+    def to_state_dict(self) -> dict[str, Any]:
+        """The saved form: ``{field: value}`` without ``None`` and cached fields."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name not in self._transient and getattr(self, f.name) is not None}
+
+    @classmethod
+    def from_state_dict(cls, d: dict[str, Any], device: torch.device) -> KBFGSLayerState:
+        """The inverse of :meth:`to_state_dict`: tensors copied to ``device`` with aligned rows."""
+        names = {f.name for f in fields(cls)} - set(cls._transient)
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown keys in the saved layer state: "
+                             f"{sorted(unknown)}")
+        return cls(**{k: (aligned_copy(v.detach().to(device)) if isinstance(v, Tensor)
+                          else copy.deepcopy(v)) for k, v in d.items()})
+
+
+@dataclass(kw_only=True)
+class DenseLayerState(KBFGSLayerState):
+    """K-BFGS: ``H_G`` dense, ``(rows, rows)``."""
+
+    H_G: Tensor
+
+
+@dataclass(kw_only=True)
+class LimitedLayerState(KBFGSLayerState):
+    """K-BFGS(L): the last pairs as columns of ``S``, ``Y`` (``(rows, k)``, oldest first) and
+    the cached compact factors ``(U, M, gamma)`` of H_G (not saved)."""
+
+    S: Tensor
+    Y: Tensor
+    lbfgs: tuple[Tensor, Tensor, float] | None = None
+
+    _transient = ("lbfgs",)
 
 
 class KBFGS(KroneckerOptimizer):
@@ -58,7 +212,7 @@ class KBFGS(KroneckerOptimizer):
         momentum: float = 0.9,
         update_freq: int = 1,
         weight_decay: float = 0.0,
-        history: Optional[int] = None,
+        history: int | None = None,
         *,
         loss_reduction: str = "mean",
         damping_rule: str = "dpdlm",
@@ -68,16 +222,12 @@ class KBFGS(KroneckerOptimizer):
         beta: float = 0.9,
         check_finite: bool = True,
     ) -> None:
-        if history is not None and (isinstance(history, bool) or int(history) != history
-                                    or history < 1):
-            raise ValueError(f"history must be None or an integer >= 1, got {history!r}")
-        _check_choice("damping_rule", damping_rule, _DAMPING_RULES)
-        _check_choice("hessian_action", hessian_action, _HESSIAN_ACTIONS)
-        _check_choice("damping_split", damping_split, _SPLITS)
-        if not 0.0 < mu1 < 1.0:
-            raise ValueError(f"mu1 must be in (0, 1), got {mu1}")
-        if not 0.0 <= beta < 1.0:
-            raise ValueError(f"beta must be in [0, 1), got {beta}")
+        check_int("history", history, 1, allow_none=True)
+        check_choice("damping_rule", damping_rule, DAMPING_RULES)
+        check_choice("hessian_action", hessian_action, _HESSIAN_ACTIONS)
+        check_choice("damping_split", damping_split, _SPLITS)
+        check_number("mu1", mu1, 0.0, strict=True, high=1.0)
+        check_number("beta", beta, 0.0, high=1.0)
         self.history = None if history is None else int(history)
         self.damping_rule = damping_rule
         self.hessian_action = hessian_action
@@ -86,7 +236,7 @@ class KBFGS(KroneckerOptimizer):
         self.beta = float(beta)
         super().__init__(
             model,
-            dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay),
+            {"lr": lr, "damping": damping, "momentum": momentum, "weight_decay": weight_decay},
             update_freq=update_freq,
             update_freq_name="update_freq",
             loss_reduction=loss_reduction,
@@ -107,7 +257,7 @@ class KBFGS(KroneckerOptimizer):
                 "damping <= 1 or damping_rule='dpdlm'")
 
     # ------------------------------------------------------------------ step
-    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """One iteration of Algorithm 2. ``closure`` zeroes the gradients, runs the forward pass,
         computes the batch-mean loss, calls ``backward`` and returns the loss. On curvature
         iterations (k % update_freq == 0) it is called a second time on the same minibatch
@@ -117,122 +267,139 @@ class KBFGS(KroneckerOptimizer):
         k = self.steps + 1
         curvature = k % self.update_freq == 0
         first = any(layer.name not in self.layer_state for layer in self.layers)
-        t0 = time.perf_counter()
-        group = distributed.process_group(self.model) if curvature else None
-        if curvature:
-            self._save_rng()
-            ctx = self.capture.record("pre", s_A_fn=self._s_A_by_name,
-                                      need_A=self._needs_explicit_A(),
-                                      defer_A_s=group is not None)
-        elif first:
-            ctx = self.capture.record("probe")
-        else:
-            ctx = contextlib.nullcontext({})
         known = set(self.layer_state)
-        with ctx as pre, distributed.exact_A_s(self.model, pre, self.capture,
-                                               self._s_A_by_name, group):
-            loss = closure()
-        self.times["forward_backward"] += time.perf_counter() - t0
+        with self.phases("forward_backward"):
+            group = distributed.process_group(self.model) if curvature else None
+            if curvature:
+                self._save_rng()
+                ctx = self.capture.kbfgs_pre(self._s_A, need_A=self._needs_explicit_A(),
+                                             group=group)
+            elif first:
+                ctx = self.capture.probe()
+            else:
+                ctx = contextlib.nullcontext({})
+            with ctx as pre:
+                loss = closure()
         if self.check_finite and not self._all_finite(loss):
             for name in set(self.layer_state) - known:  # created lazily in this pass
                 del self.layer_state[name]
             return self._skip_step(loss)
-        self._take_step(pre, k)
+        self._take_step(pre, k)  # lines 7-11
         if curvature and self.layers:
-            t1 = time.perf_counter()
-            with self._extra_pass(), self.capture.record(
-                    "post", make_output_require_grad=True) as post:
-                closure()
-            self._check_records(post)
-            t2 = time.perf_counter()
-            self.times["extra_pass"] += t2 - t1
-            with torch.no_grad():
-                distributed.reduce_curvature(pre, post, group)
+            with self.phases("extra_pass"):  # line 13
+                with self._extra_pass(), self.capture.kbfgs_post() as post:
+                    closure()
+                self._check_records(post)
+            with self.phases("curvature"), torch.no_grad():  # lines 14-22
+                reduce_kbfgs_records(pre, post, group)
                 self._curvature_update(pre, post)
             self.curvature_updates += 1
-            self.times["curvature"] += time.perf_counter() - t2
         return loss
-
-    def _s_A_by_name(self, name: str, rec: LayerRecord) -> Optional[Tensor]:
-        layer = next(ly for ly in self.layers if ly.name == name)
-        return self._s_A(layer, rec)
 
     # ------------------------------------------------------------------ layer state
     def _other_lr_scale(self, group: dict) -> float:
         return 1.0 / group["damping"]
 
     def _lambdas(self, layer: KroneckerLayer, locations: int) -> tuple[float, float]:
-        from ..layers import damping_split
+        """Algorithm 2 line 2: ``(lambda_A, lambda_G)`` of a layer."""
+        return _damping_split(self.param_groups[0]["damping"], locations, layer.helper.is_conv,
+                              self.damping_split)
 
-        return damping_split(self.param_groups[0]["damping"], locations, layer.helper.is_conv,
-                             self.damping_split)
-
-    def _init_layer(self, layer: KroneckerLayer, locations: int, A0: Optional[Tensor] = None) -> dict:
+    def _init_layer(self, layer: KroneckerLayer, locations: int,
+                    A0: Tensor | None = None) -> KBFGSLayerState:
+        """Algorithm 2 line 3 (``H_A = (A_0 + lambda_A I)^-1`` with a warm start ``A0``, else
+        ``I / lambda_A``; ``H_G = I / lambda_G``; ``s_G = y_G = 0``). A layer that has state
+        keeps it, only ``H_A`` (and A) are reset."""
         self._check_dd(layer, locations)
-        rows, cols = layer.helper.dims(layer.module)
+        rows, cols = layer.helper.dims()
         dtype, device = self._curvature_dtype(layer.module), layer.module.weight.device
         lam_A, lam_G = self._lambdas(layer, locations)
-        st = self.layer_state.get(layer.name)
-        if st is None:
-            st = {
-                "locations": locations,
-                "buf": aligned_copy(torch.zeros(rows, cols, dtype=layer.module.weight.dtype,
-                                                device=device)),
-                "s_G": torch.zeros(rows, dtype=dtype, device=device),
-                "y_G": torch.zeros(rows, dtype=dtype, device=device),
-                "skipped_A": torch.zeros((), dtype=torch.int64, device=device),
-                "skipped_G": torch.zeros((), dtype=torch.int64, device=device),
-                "theta": torch.ones((), dtype=dtype, device=device),
-            }
-            if self.history is None:
-                st["H_G"] = aligned_copy(torch.eye(rows, dtype=dtype, device=device) / lam_G)
-            else:
-                st["S"] = torch.zeros(rows, 0, dtype=dtype, device=device)
-                st["Y"] = torch.zeros(rows, 0, dtype=dtype, device=device)
-            self.layer_state[layer.name] = st
-        st["locations"] = locations
         eye = torch.eye(cols, dtype=dtype, device=device)
         if A0 is None:
-            st["H_A"] = aligned_copy(eye / lam_A)
+            H_A = aligned_copy(eye / lam_A)
         else:
-            st["H_A"] = aligned_copy(torch.cholesky_inverse(torch.linalg.cholesky(A0 + lam_A * eye)))
+            H_A = aligned_copy(linalg.damped_spd_inverse(A0, lam_A)[0])
+        A = None
         if self.hessian_action == "moving_average":
-            st["A"] = torch.zeros_like(eye) if A0 is None else A0.clone()
+            A = torch.zeros_like(eye) if A0 is None else A0.clone()
+        st = self.layer_state.get(layer.name)
+        if st is not None:
+            st.locations, st.H_A, st.A = locations, H_A, A
+            return st
+        common: dict[str, Any] = {
+            "locations": locations,
+            "buf": aligned_copy(torch.zeros(rows, cols, dtype=layer.module.weight.dtype,
+                                            device=device)),
+            "H_A": H_A,
+            "s_G": torch.zeros(rows, dtype=dtype, device=device),
+            "y_G": torch.zeros(rows, dtype=dtype, device=device),
+            "skipped_A": torch.zeros((), dtype=torch.int64, device=device),
+            "skipped_G": torch.zeros((), dtype=torch.int64, device=device),
+            "theta": torch.ones((), dtype=dtype, device=device),
+            "A": A,
+        }
+        if self.history is None:
+            st = DenseLayerState(
+                H_G=aligned_copy(torch.eye(rows, dtype=dtype, device=device) / lam_G), **common)
+        else:
+            st = LimitedLayerState(S=torch.zeros(rows, 0, dtype=dtype, device=device),
+                                   Y=torch.zeros(rows, 0, dtype=dtype, device=device), **common)
+        self.layer_state[layer.name] = st
         return st
 
-    # ------------------------------------------------------------------ the step
-    def _precondition(self, layer: KroneckerLayer, st: dict) -> Tensor:
-        return two_sided_product(self._H_G_operator(layer, st), st["buf"], st["H_A"],
-                                 self._scratch)
+    def _layer_state_from_dict(self, d: dict[str, Any], device: torch.device) -> KBFGSLayerState:
+        cls = DenseLayerState if self.history is None else LimitedLayerState
+        return cls.from_state_dict(d, device)
 
-    def _lbfgs_factors(self, layer: KroneckerLayer, st: dict) -> tuple[Tensor, Tensor, float]:
-        gamma = 1.0 / self._lambdas(layer, st["locations"])[1]
-        cache = st.get("_lbfgs")
+    # ------------------------------------------------------------------ the step
+    def _precondition(self, layer: KroneckerLayer, st: KBFGSLayerState) -> Tensor:
+        """Algorithm 2 line 9: ``p = H_G BUF H_A``."""
+        return two_sided_product(self._H_G_operator(layer, st), st.buf, st.H_A, self._scratch)
+
+    def _lbfgs_factors(self, layer: KroneckerLayer, st: LimitedLayerState
+                       ) -> tuple[Tensor, Tensor, float]:
+        gamma = 1.0 / self._lambdas(layer, st.locations)[1]
+        cache = st.lbfgs
         if cache is None or cache[2] != gamma:
-            U, M = linalg.lbfgs_compact_factors(st["S"], st["Y"], gamma)
-            cache = (U, M, gamma)
-            st["_lbfgs"] = cache
+            U, M = linalg.lbfgs_compact_factors(st.S, st.Y, gamma)
+            cache = st.lbfgs = (U, M, gamma)
         return cache
 
-    def _H_G_operator(self, layer: KroneckerLayer, st: dict):
-        if self.history is None:
-            return st["H_G"]
+    def _H_G_operator(self, layer: KroneckerLayer, st: KBFGSLayerState) -> linalg.Operator:
+        if isinstance(st, DenseLayerState):
+            return st.H_G
+        assert isinstance(st, LimitedLayerState)
         U, M, gamma = self._lbfgs_factors(layer, st)
         return lambda x: linalg.lbfgs_apply(U, M, gamma, x)
 
     def _needs_explicit_A(self) -> bool:
         return self.hessian_action in ("moving_average", "exact")
 
-    def _s_A(self, layer: KroneckerLayer, rec: LayerRecord) -> Optional[Tensor]:
+    def _s_A(self, layer: KroneckerLayer, rec: LayerRecord) -> Tensor | None:
+        """Algorithm 2 line 16: ``s_A = H_A a_bar`` (called by the hooks; ``None`` for the
+        ``"exact"`` variant, which forms no pair for H_A). Initialises a new layer's state."""
         st = self.layer_state.get(layer.name)
         if st is None:
             st = self._init_layer(layer, rec.locations)
         if self.hessian_action == "exact":
             return None
-        return st["H_A"] @ rec.a_bar
+        return st.H_A @ rec.a_bar
+
+    def _update_H_A(self, st: KBFGSLayerState, r0: LayerRecord, lam_A: float) -> None:
+        """Lines 16-17: the pair ``(s_A, y_A)`` and the BFGS update (11) of H_A; Algorithm 3's
+        ``H_A = (A + lambda_A I)^-1`` for ``hessian_action="exact"``."""
+        if self.hessian_action == "exact":
+            st.H_A.copy_(linalg.damped_spd_inverse(r0.A, lam_A)[0])
+            return
+        if self.hessian_action == "moving_average":
+            y_A = y_A_moving_average(st.A, r0.A, r0.s_A, lam_A, self.beta)
+        else:
+            y_A = y_A_minibatch(r0.A_s, r0.s_A, lam_A)
+        _, ok = linalg.bfgs_update(st.H_A, r0.s_A, y_A, inplace=True)
+        st.skipped_A += (~ok).long()
 
     def _curvature_update(self, pre: dict[str, LayerRecord], post: dict[str, LayerRecord]) -> None:
-        beta = self.beta
+        """Lines 14-22 for every layer recorded in both passes."""
         pending = []
         for layer in self.layers:
             r0, r1 = pre.get(layer.name), post.get(layer.name)
@@ -240,82 +407,43 @@ class KBFGS(KroneckerOptimizer):
             if st is None or r0 is None or r1 is None or r0.h_bar is None or r1.h_bar is None \
                     or r0.Dh_bar is None or r1.Dh_bar is None:
                 continue
-            lam_A, lam_G = self._lambdas(layer, st["locations"])
-            # ---- H_A
-            if self.hessian_action == "exact":
-                eye = torch.eye(r0.A.shape[0], dtype=r0.A.dtype, device=r0.A.device)
-                st["H_A"].copy_(torch.cholesky_inverse(torch.linalg.cholesky(r0.A + lam_A * eye)))
-            else:
-                s_A = r0.s_A
-                if self.hessian_action == "moving_average":
-                    st["A"].mul_(beta).add_(r0.A, alpha=1.0 - beta)
-                    y_A = st["A"] @ s_A + lam_A * s_A
-                else:
-                    y_A = r0.A_s + lam_A * s_A
-                _, ok = linalg.bfgs_update(st["H_A"], s_A, y_A, inplace=True)
-                st["skipped_A"] += (~ok).long()
-            # ---- s_G, y_G moving averages (kept unchanged if the new vectors are not finite)
-            s_new = beta * st["s_G"] + (1.0 - beta) * (r1.h_bar - r0.h_bar)
-            y_new = beta * st["y_G"] + (1.0 - beta) * (r1.Dh_bar - r0.Dh_bar)
-            fin = torch.isfinite(s_new).all() & torch.isfinite(y_new).all()
-            st["s_G"] = torch.where(fin, s_new, st["s_G"])
-            st["y_G"] = torch.where(fin, y_new, st["y_G"])
-            s, y = st["s_G"], st["y_G"]
-            H = self._H_G_operator(layer, st)
-            if self.damping_rule == "dpdlm":
-                s_t, y_t, theta = linalg.dpdlm(s, y, H, self.mu1, lam_G)
-            elif self.damping_rule == "dpidlm":
-                s_t, y_t, theta = linalg.dpidlm(s, y, self.mu1, lam_G)
-            else:
-                s_t, y_t, theta, _ = linalg.double_damping(s, y, H, self.mu1, lam_G)
-            st["theta"] = theta
-            # a non-finite extra pass forms no pair: the zero pair is skipped and counted
-            s_t = torch.where(fin, s_t, torch.zeros_like(s_t))
-            y_t = torch.where(fin, y_t, torch.zeros_like(y_t))
-            if self.history is None:
-                _, ok = linalg.bfgs_update(st["H_G"], s_t, y_t, inplace=True)
-                st["skipped_G"] += (~ok).long()
+            lam_A, lam_G = self._lambdas(layer, st.locations)
+            self._update_H_A(st, r0, lam_A)  # lines 16-17
+            st.s_G, st.y_G, fin = average_pair(st.s_G, st.y_G, r0.h_bar, r1.h_bar,  # line 19
+                                               r0.Dh_bar, r1.Dh_bar, self.beta)
+            s_t, y_t, st.theta = DAMPING_RULES[self.damping_rule](  # line 20
+                st.s_G, st.y_G, self._H_G_operator(layer, st), self.mu1, lam_G)
+            s_t, y_t = mask_pair(s_t, y_t, fin)
+            if isinstance(st, DenseLayerState):  # line 21, BFGS
+                _, ok = linalg.bfgs_update(st.H_G, s_t, y_t, inplace=True)
+                st.skipped_G += (~ok).long()
             else:
                 pending.append((st, s_t, y_t, linalg.pair_is_valid(s_t, y_t)))
-        if pending:  # L-BFGS: the pair list changes shape, so one host sync for all layers
+        if pending:  # line 21, L-BFGS: the pair list changes shape, one host sync for all layers
             oks = torch.stack([p[3] for p in pending]).tolist()
             for (st, s_t, y_t, _), ok in zip(pending, oks):
                 if not ok:
-                    st["skipped_G"] += 1
+                    st.skipped_G += 1
                     continue
-                # BFGS is invariant under (s, y) -> (s, y) / ||s||: store unit-norm s
-                c = 1.0 / torch.linalg.vector_norm(s_t)
-                S = torch.cat([st["S"], (c * s_t)[:, None]], dim=1)[:, -self.history:]
-                Y = torch.cat([st["Y"], (c * y_t)[:, None]], dim=1)[:, -self.history:]
-                st["S"], st["Y"] = S.contiguous(), Y.contiguous()
-                st.pop("_lbfgs", None)
+                st.S, st.Y = lbfgs_push(st.S, st.Y, s_t, y_t, self.history)
+                st.lbfgs = None
 
     # ------------------------------------------------------------------ diagnostics
-    def _layer_stats(self, layer: KroneckerLayer, st: dict, condition: bool) -> dict[str, Any]:
+    def _layer_stats(self, layer: KroneckerLayer, st: KBFGSLayerState,
+                     condition: bool) -> dict[str, Any]:
         out: dict[str, Any] = {
-            "skipped_A": int(st["skipped_A"]),
-            "skipped_G": int(st["skipped_G"]),
-            "theta": float(st["theta"]),
+            "skipped_A": int(st.skipped_A),
+            "skipped_G": int(st.skipped_G),
+            "theta": float(st.theta),
         }
-        if self.history is not None:
-            out["pairs"] = int(st["S"].shape[1])
+        if isinstance(st, LimitedLayerState):
+            out["pairs"] = int(st.S.shape[1])
         if condition:
-            out["cond_H_A"] = _cond(st["H_A"])
-            if self.history is None:
-                out["cond_H_G"] = _cond(st["H_G"])
+            out["cond_H_A"] = linalg.condition_number(st.H_A)
+            if isinstance(st, DenseLayerState):
+                out["cond_H_G"] = linalg.condition_number(st.H_G)
             else:
                 U, M, gamma = self._lbfgs_factors(layer, st)
-                out["cond_H_G"] = _cond(linalg.lbfgs_dense(U, M, gamma, st["S"].shape[0]))
+                out["cond_H_G"] = linalg.condition_number(
+                    linalg.lbfgs_dense(U, M, gamma, st.S.shape[0]))
         return out
-
-
-def _cond(H: Tensor) -> float:
-    """Condition number of a symmetric positive definite matrix (eigenvalue ratio)."""
-    ev = torch.linalg.eigvalsh(H.double())
-    lo = float(ev[0])
-    return float("inf") if lo <= 0 else float(ev[-1]) / lo
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")

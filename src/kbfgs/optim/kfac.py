@@ -1,4 +1,4 @@
-"""KFAC, the paper's second-order baseline (Algorithm 5, Appendix D.1, spec section 5).
+"""KFAC, the paper's second-order baseline (Algorithm 5, Appendix D.1; docs/api.md).
 
 Per Kronecker layer (the same Linear / Conv2d rules, fallbacks and ``W`` layout as K-BFGS):
 
@@ -10,32 +10,36 @@ Per Kronecker layer (the same Linear / Conv2d rules, fallbacks and ``W`` layout 
   every ``inv_freq`` steps (line 19),
 * ``p = H_Gamma BUF_W H_Omega`` with the K-BFGS momentum and decoupled weight decay.
 
-The optimizer owns the order of operations; the factor pass lives in ``_factor_pass`` (hooks that
-exist only for that pass) and the damped inversion in the pure function ``damped_inverses``.
+The optimizer owns the state (:class:`KFACLayerState`) and Algorithm 5's order of operations;
+the hooks of the factor pass are ``kbfgs.capture`` (``Capture.kfac_factors``), the factors
+``kbfgs.layers`` (``A`` is Omega, ``G`` is Gamma) and the damped inversion the pure function
+:func:`damped_inverses` (``kbfgs.linalg.damped_spd_inverse``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import math
-import time
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..capture import KroneckerLayer
-from ..layers import _UNFOLD_CHUNK, Conv2dHelper, KroneckerHelper
+from .. import distributed, linalg
+from ..capture import KroneckerLayer, LayerRecord, replay_autocast
 from .base import KroneckerOptimizer, aligned_copy, two_sided_product, unwrap_model
+from .validation import check_choice, check_int, check_number
 
 __all__ = [
     "KFAC",
     "LIKELIHOODS",
+    "KFACLayerState",
     "damped_inverses",
     "kfac_pi",
     "sample_targets",
@@ -139,26 +143,13 @@ def kfac_pi(Omega: Tensor, Gamma: Tensor) -> Tensor:
     return torch.where(ok, torch.sqrt(torch.where(ok, ratio, one)), one)
 
 
-def _spd_inverse(M: Tensor, floor: Tensor) -> tuple[Tensor, bool]:
-    """Inverse of ``M = PSD + floor I`` by Cholesky; when the factorisation fails (the damping
-    ``floor`` below rounding level relative to the PSD part), by eigenvalues clamped to
-    ``floor``, their exact lower bound. Returns ``(inverse, used_the_fallback)``."""
-    L, info = torch.linalg.cholesky_ex(M)
-    if int(info) == 0:
-        return torch.cholesky_inverse(L), False
-    ev, V = torch.linalg.eigh(0.5 * (M + M.mT))
-    return (V / ev.clamp_min(floor)) @ V.mT, True
-
-
 def _damped_inverses(Omega: Tensor, Gamma: Tensor, damping: float
                      ) -> tuple[Tensor, Tensor, Tensor, int]:
     pi = kfac_pi(Omega, Gamma)
     root = math.sqrt(damping)
-    eye_o = torch.eye(Omega.shape[0], dtype=Omega.dtype, device=Omega.device)
-    eye_g = torch.eye(Gamma.shape[0], dtype=Gamma.dtype, device=Gamma.device)
     d_o, d_g = pi * root, root / pi
-    H_O, fo = _spd_inverse(Omega + d_o * eye_o, d_o)
-    H_G, fg = _spd_inverse(Gamma + d_g * eye_g, d_g)
+    H_O, fo = linalg.damped_spd_inverse(Omega, d_o)
+    H_G, fg = linalg.damped_spd_inverse(Gamma, d_g)
     return H_O, H_G, pi, int(fo) + int(fg)
 
 
@@ -170,70 +161,50 @@ def damped_inverses(Omega: Tensor, Gamma: Tensor, damping: float) -> tuple[Tenso
     return H_O, H_G, pi
 
 
-def _omega(helper: type[KroneckerHelper], module: nn.Module, x: Tensor, bias: bool) -> Tensor:
-    """``Omega = E_n[sum_t a_t a_t^T]`` (``a_t`` with a trailing 1 when ``bias``).
-
-    The same quantity as ``helper.A``, with the bias flag passed explicitly: inside the
-    optimizer's extra pass no parameter requires grad, so ``helper.has_bias`` (which reads
-    ``bias.requires_grad``) cannot tell. Conv2d patches are unfolded in chunks of samples.
-    """
-    m = x.shape[0]
-    if not helper.is_conv:
-        xf = x.reshape(-1, x.shape[-1])
-        if bias:
-            xf = torch.cat([xf, xf.new_ones(xf.shape[0], 1)], dim=1)
-        return _gram(xf, 1.0 / m)
-    geo = {"dilation": module.dilation, "padding": module.padding, "stride": module.stride}
-    n = module.weight[0].numel() + int(bias)
-    ho, wo = Conv2dHelper.out_size(module, x)
-    chunk = max(1, _UNFOLD_CHUNK // max(1, ho * wo * n))
-    out = x.new_zeros(n, n)
-    for i in range(0, m, chunk):
-        cols = F.unfold(x[i:i + chunk], module.kernel_size, **geo).transpose(1, 2)
-        if bias:
-            cols = torch.cat([cols, cols.new_ones(cols.shape[0], cols.shape[1], 1)], dim=2)
-        cols = cols.reshape(-1, n)
-        out.addmm_(cols.mT, cols, alpha=1.0 / m)
-    return out
-
-
-def _gamma(helper: type[KroneckerHelper], g: Tensor, batch: int, reduction: str) -> Tensor:
-    """``Gamma = E_n[mean_t Dh_t Dh_t^T]`` from ``g = d(sampled loss)/dh``.
-
-    ``reduction="mean"``: ``Dh = m g``, so ``Gamma = m / |T| sum_{n,t} g g^T``;
-    ``"sum"``: ``Dh = g``, ``Gamma = 1 / (m |T|) sum_{n,t} g g^T``.
-    """
-    gf = g.movedim(1, -1) if helper.is_conv else g
-    gf = gf.reshape(-1, gf.shape[-1])
-    locs = max(1, gf.shape[0] // batch)
-    scale = batch / locs if reduction == "mean" else 1.0 / (batch * locs)
-    return _gram(gf, scale)
-
-
-def _gram(X: Tensor, alpha: float) -> Tensor:
-    """``alpha X^T X`` with the scaling inside the matrix product (no extra pass)."""
-    return torch.addmm(X.new_zeros(()), X.mT, X, beta=0.0, alpha=alpha)
-
-
 # ---------------------------------------------------------------------------------------------
 # The optimizer
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass
-class _FactorRecord:
-    """Minibatch factors of one layer in one factor pass (``calls`` detects reuse)."""
+@dataclass(kw_only=True)
+class KFACLayerState:
+    """Per-layer state of KFAC (``(rows, cols)`` the layer's ``W`` shape)."""
 
-    calls: int = 0
-    batch: int = 0
-    locations: int = 0
-    Omega: Tensor | None = None
-    Gamma: Tensor | None = None
-    dummy: Tensor | None = None
+    #: ``|T|``, the number of output locations of the last factor pass
+    locations: int
+    #: momentum of the gradient, ``(rows, cols)`` in the parameters' dtype
+    buf: Tensor
+    #: moving averages of the factors (line 14): ``(cols, cols)`` and ``(rows, rows)``
+    Omega: Tensor
+    Gamma: Tensor
+    #: the damped inverses of line 19 and their ``pi``
+    H_Omega: Tensor
+    H_Gamma: Tensor
+    pi: Tensor
+    stat_updates: int = 0
+    inv_updates: int = 0
+    skipped_stats: int = 0
+    #: 1 after a warm start (the first factor pass then averages instead of setting)
+    warm: int = 0
+    inv_fallbacks: int = 0
+
+    def to_state_dict(self) -> dict[str, Any]:
+        """The saved form: ``{field: value}``."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_state_dict(cls, d: dict[str, Any], device: torch.device) -> KFACLayerState:
+        """The inverse of :meth:`to_state_dict`: tensors copied to ``device`` with aligned rows."""
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"KFACLayerState: unknown keys in the saved layer state: "
+                             f"{sorted(unknown)}")
+        return cls(**{k: (aligned_copy(v.detach().to(device)) if isinstance(v, Tensor)
+                          else copy.deepcopy(v)) for k, v in d.items()})
 
 
 class KFAC(KroneckerOptimizer):
-    """KFAC as the paper implements it (Algorithm 5, Appendix D.1; spec section 5).
+    """KFAC as the paper implements it (Algorithm 5, Appendix D.1; docs/api.md).
 
     Args:
         model: the ``nn.Module`` to train (or a ``DistributedDataParallel`` wrapping it). Every
@@ -313,15 +284,10 @@ class KFAC(KroneckerOptimizer):
         seed: int = 0,
         check_finite: bool = True,
     ) -> None:
-        if not _is_int_at_least(inv_freq, 1):
-            raise ValueError(f"inv_freq must be an integer >= 1, got {inv_freq!r}")
-        if likelihood not in LIKELIHOODS:
-            raise ValueError(f"likelihood must be one of {', '.join(map(repr, LIKELIHOODS))}, "
-                             f"got {likelihood!r}")
-        if not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
-            raise ValueError(f"beta must be in [0, 1), got {beta!r}")
-        if not _is_int_at_least(seed, None):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
+        check_int("inv_freq", inv_freq, 1)
+        check_choice("likelihood", likelihood, LIKELIHOODS)
+        check_number("beta", beta, 0.0, high=1.0)
+        check_int("seed", seed)
         self.inv_freq = int(inv_freq)  # type: ignore[arg-type]
         self.likelihood = likelihood
         self.beta = float(beta)
@@ -356,168 +322,95 @@ class KFAC(KroneckerOptimizer):
         do_inv = k % self.inv_freq == 0
         first = any(layer.name not in self.layer_state for layer in self.layers)
         inner = unwrap_model(self.model)
-        call: dict[str, Any] = {}
-        handle: tuple | None = None
-        if do_stats and self.layers:
+        record_call = do_stats and bool(self.layers)
+        if record_call:
             self._save_rng()
-            handle = (inner.register_forward_pre_hook(_input_recorder(call), with_kwargs=True),
-                      inner.register_forward_hook(_output_checker(call)))
-        t0 = time.perf_counter()
-        try:
-            with (self.capture.record("probe") if first else contextlib.nullcontext({})) as pre:
-                loss = closure()
-        finally:
-            if handle is not None:
-                for h in handle:
-                    h.remove()
-        self.times["forward_backward"] += time.perf_counter() - t0
+        recording = self.capture.model_call() if record_call else contextlib.nullcontext({})
+        probing = self.capture.probe() if first else contextlib.nullcontext({})
+        with self.phases("forward_backward"), recording as call, probing as pre:
+            loss = closure()
         if self.check_finite and not self._all_finite(loss):
             return self._skip_step(loss)
-        if handle is not None and "args" not in call:
+        if record_call and "args" not in call:
             raise RuntimeError(
                 f"KFAC samples its targets from the output of the model given to the optimizer "
                 f"({type(inner).__name__}), but the closure did not call it; the closure must "
                 "run the forward pass through that model (the step was not taken)")
-        if handle is not None and call.get("output") is not None:
+        if record_call and call.get("output") is not None:
             raise _output_type_error(call["output"] + "; the step was not taken")
-        self._take_step(pre, k)
-        if do_stats and self.layers:
-            t1 = time.perf_counter()
-            bias = self._bias_flags()
-            with self._extra_pass(), _autocast(call["autocast"]):
-                records = self._factor_pass(lambda: inner(*call["args"], **call["kwargs"]),
-                                            "step", k, bias)
-            call.clear()
-            self.times["stats_pass"] += time.perf_counter() - t1
-            t2 = time.perf_counter()
-            self._update_factors(records)
-            self.times["factors"] += time.perf_counter() - t2
+        self._take_step(pre, k)  # lines 7-9
+        if record_call:
+            with self.phases("extra_pass"):  # lines 11-13
+                with self._extra_pass(), replay_autocast(call["autocast"]):
+                    records = self._factor_pass(lambda: inner(*call["args"], **call["kwargs"]),
+                                                "step", k)
+                call.clear()
+            with self.phases("curvature"):  # line 14
+                self._update_factors(records)
         if do_inv and self.layers:
-            t3 = time.perf_counter()
-            self._update_inverses()
-            self.times["inverse"] += time.perf_counter() - t3
+            with self.phases("inverse"):  # lines 17-21
+                self._update_inverses()
         return loss
 
     # ------------------------------------------------------------------ factor pass
     def _rank(self) -> int:
-        if self._distributed():
-            return torch.distributed.get_rank()
-        return 0
+        """This process's rank in the model's process group (0 without one)."""
+        group = distributed.process_group(self.model)
+        return 0 if group is None else distributed.rank(group)
 
-    def _distributed(self) -> bool:
-        from .. import distributed
-
-        return distributed.process_group(self.model) is not None
-
-    def _factor_pass(self, run: Callable[[], Any], stream: str, index: int,
-                     bias: dict[str, bool]) -> dict[str, _FactorRecord]:
-        """Run ``run()`` (a forward pass of the model) with factor hooks, draw targets from its
-        output, back-propagate the sampled loss; returns the minibatch factors per layer.
-
-        Every Kronecker layer output ``h`` is replaced by ``h + z`` with ``z`` a zero scalar
-        leaf that requires grad: the pass then builds a graph even though no parameter requires
-        grad, and ``torch.autograd.grad(loss, [z...])`` reaches every ``h`` without writing any
-        ``.grad``. The tensor hook is registered on ``h + z`` before any in-place op that may
-        follow (e.g. ``ReLU(inplace=True)``) and so receives ``dL/dh`` itself. ``bias`` says
-        which layers have a trainable bias (read before the parameters' flags were turned off).
-        """
-        records = {layer.name: _FactorRecord() for layer in self.layers}
-        handles = [layer.module.register_forward_hook(
-            self._factor_hook(layer, records[layer.name], bias[layer.name]))
-            for layer in self.layers]
-        try:
-            with torch.enable_grad():
-                out = run()
-                if not isinstance(out, Tensor):
-                    raise _output_type_error(type(out).__name__)
-                gen = torch.Generator(device=out.device)
-                gen.manual_seed(sampling_seed(self.seed, stream, index, self._rank()))
-                target = sample_targets(out, self.likelihood, gen)
-                loss = sampled_loss(out, target, self.likelihood, self.loss_reduction)
-                dummies = [r.dummy for r in records.values() if r.dummy is not None]
-                if dummies:
-                    torch.autograd.grad(loss, dummies, allow_unused=True)
-        finally:
-            for h in handles:
-                h.remove()
-            for r in records.values():
-                r.dummy = None
+    def _factor_pass(self, run: Callable[[], Any], stream: str, index: int
+                     ) -> dict[str, LayerRecord]:
+        """Run ``run()`` (a forward pass of the model) under ``Capture.kfac_factors``, draw
+        targets from its output and back-propagate the sampled loss to the layer outputs;
+        returns the minibatch factors per layer (``A`` = Omega, ``G`` = Gamma)."""
+        with self.capture.kfac_factors() as records, torch.enable_grad():
+            out = run()
+            if not isinstance(out, Tensor):
+                raise _output_type_error(type(out).__name__)
+            gen = torch.Generator(device=out.device)
+            gen.manual_seed(sampling_seed(self.seed, stream, index, self._rank()))
+            target = sample_targets(out, self.likelihood, gen)
+            loss = sampled_loss(out, target, self.likelihood, self.loss_reduction)
+            self.capture.backward(loss, records)
         return records
-
-    def _factor_hook(self, layer: KroneckerLayer, rec: _FactorRecord, bias: bool):
-        helper = layer.helper
-        reduction = self.loss_reduction
-
-        def hook(module: nn.Module, inputs: tuple, output: Tensor):
-            t0 = time.perf_counter()
-            rec.calls += 1
-            if rec.calls > 1:  # reuse: demoted by the optimizer, nothing recorded
-                return None
-            dtype = self._curvature_dtype(module)
-            x = inputs[0]
-            rec.batch = helper.batch_size(x)
-            rec.locations = helper.locations(module, output)
-            with torch.autocast(x.device.type, enabled=False):  # curvature in float32/64
-                rec.Omega = _omega(helper, module, x.detach().to(dtype), bias)
-            dummy = torch.zeros((), dtype=output.dtype, device=output.device, requires_grad=True)
-            rec.dummy = dummy
-            out = output + dummy
-            batch = rec.batch
-
-            def grad_hook(g: Tensor) -> None:
-                t1 = time.perf_counter()
-                with torch.autocast(g.device.type, enabled=False):
-                    rec.Gamma = _gamma(helper, g.detach().to(dtype), batch, reduction)
-                self.capture.hook_seconds += time.perf_counter() - t1
-
-            out.register_hook(grad_hook)
-            self.capture.hook_seconds += time.perf_counter() - t0
-            return out
-
-        return hook
-
-    def _bias_flags(self) -> dict[str, bool]:
-        return {ly.name: ly.helper.has_bias(ly.module) for ly in self.layers}
 
     def _reduce_across_ranks(self, tensors: list[Tensor], op: str) -> None:
         """In-place mean (``op="avg"``) or sum over ranks of a DDP model (no-op otherwise):
         one flat all-reduce per dtype (``kbfgs.distributed.all_reduce_flat``)."""
-        from .. import distributed
-
         distributed.all_reduce_flat(tensors, distributed.process_group(self.model),
                                     average=op == "avg")
 
     @torch.no_grad()
-    def _update_factors(self, records: dict[str, _FactorRecord]) -> None:
+    def _update_factors(self, records: dict[str, LayerRecord]) -> None:
         """Line 14: moving averages, kept unchanged for a layer whose minibatch factors are not
         finite (counted in ``skipped_stats``)."""
         self._check_records(records)
         todo = []
         for layer in self.layers:
             r, st = records.get(layer.name), self.layer_state.get(layer.name)
-            if st is None or r is None or r.calls != 1 or r.Omega is None or r.Gamma is None:
+            if st is None or r is None or r.calls != 1 or r.A is None or r.G is None:
                 continue
             todo.append((st, r))
         if not todo:
             return
-        self._reduce_across_ranks([t for _, r in todo for t in (r.Omega, r.Gamma)], "avg")
+        self._reduce_across_ranks([t for _, r in todo for t in (r.A, r.G)], "avg")
         # one reduction per factor: a NaN or inf entry makes the sum non-finite (a sum that
         # overflows only skips the update, conservatively); one host sync for all layers
-        oks = torch.isfinite(torch.stack([r.Omega.sum() + r.Gamma.sum()
+        oks = torch.isfinite(torch.stack([r.A.sum() + r.G.sum()
                                           for _, r in todo])).tolist()
         b = self.beta
         for (st, r), ok in zip(todo, oks):
             if not ok:
-                st["skipped_stats"] += 1
+                st.skipped_stats += 1
                 continue
-            if st["stat_updates"] == 0 and not st["warm"]:
-                st["Omega"] = r.Omega.clone()
-                st["Gamma"] = r.Gamma.clone()
+            if st.stat_updates == 0 and not st.warm:
+                st.Omega = r.A.clone()
+                st.Gamma = r.G.clone()
             else:  # beta X + (1 - beta) X_mb in one pass
-                st["Omega"].lerp_(r.Omega, 1.0 - b)
-                st["Gamma"].lerp_(r.Gamma, 1.0 - b)
-            st["stat_updates"] += 1
-            st["locations"] = r.locations
+                st.Omega.lerp_(r.A, 1.0 - b)
+                st.Gamma.lerp_(r.G, 1.0 - b)
+            st.stat_updates += 1
+            st.locations = r.locations
         self.curvature_updates += 1
 
     @torch.no_grad()
@@ -532,40 +425,42 @@ class KFAC(KroneckerOptimizer):
         self.inverse_updates += 1
 
     @staticmethod
-    def _invert(st: dict, damping: float) -> None:
-        H_O, H_G, pi, fallbacks = _damped_inverses(st["Omega"], st["Gamma"], damping)
-        st["H_Omega"], st["H_Gamma"], st["pi"] = aligned_copy(H_O), aligned_copy(H_G), pi
-        st["inv_updates"] += 1
-        st["inv_fallbacks"] = st.get("inv_fallbacks", 0) + fallbacks
+    def _invert(st: KFACLayerState, damping: float) -> None:
+        H_O, H_G, pi, fallbacks = _damped_inverses(st.Omega, st.Gamma, damping)
+        st.H_Omega, st.H_Gamma, st.pi = aligned_copy(H_O), aligned_copy(H_G), pi
+        st.inv_updates += 1
+        st.inv_fallbacks += fallbacks
 
     # ------------------------------------------------------------------ layer state
-    def _init_layer(self, layer: KroneckerLayer, locations: int, A0: Tensor | None = None) -> dict:
-        rows, cols = layer.helper.dims(layer.module)
+    def _init_layer(self, layer: KroneckerLayer, locations: int,
+                    A0: Tensor | None = None) -> KFACLayerState:
+        """Line 2 without a warm start: zero factors, ``H = I / sqrt(lambda)``."""
+        st = self.layer_state.get(layer.name)
+        if st is not None:
+            st.locations = locations
+            return st
+        rows, cols = layer.helper.dims()
         dtype, device = self._curvature_dtype(layer.module), layer.module.weight.device
         root = math.sqrt(self.param_groups[0]["damping"])
-        st = self.layer_state.get(layer.name)
-        if st is None:
-            st = {
-                "locations": locations,
-                "buf": aligned_copy(torch.zeros(rows, cols, dtype=layer.module.weight.dtype,
-                                                device=device)),
-                "Omega": torch.zeros(cols, cols, dtype=dtype, device=device),
-                "Gamma": torch.zeros(rows, rows, dtype=dtype, device=device),
-                "H_Omega": aligned_copy(torch.eye(cols, dtype=dtype, device=device) / root),
-                "H_Gamma": aligned_copy(torch.eye(rows, dtype=dtype, device=device) / root),
-                "pi": torch.ones((), dtype=dtype, device=device),
-                "stat_updates": 0,
-                "inv_updates": 0,
-                "skipped_stats": 0,
-                "warm": 0,
-                "inv_fallbacks": 0,
-            }
-            self.layer_state[layer.name] = st
-        st["locations"] = locations
+        st = KFACLayerState(
+            locations=locations,
+            buf=aligned_copy(torch.zeros(rows, cols, dtype=layer.module.weight.dtype,
+                                         device=device)),
+            Omega=torch.zeros(cols, cols, dtype=dtype, device=device),
+            Gamma=torch.zeros(rows, rows, dtype=dtype, device=device),
+            H_Omega=aligned_copy(torch.eye(cols, dtype=dtype, device=device) / root),
+            H_Gamma=aligned_copy(torch.eye(rows, dtype=dtype, device=device) / root),
+            pi=torch.ones((), dtype=dtype, device=device),
+        )
+        self.layer_state[layer.name] = st
         return st
 
-    def _precondition(self, layer: KroneckerLayer, st: dict) -> Tensor:
-        return two_sided_product(st["H_Gamma"], st["buf"], st["H_Omega"], self._scratch)
+    def _layer_state_from_dict(self, d: dict[str, Any], device: torch.device) -> KFACLayerState:
+        return KFACLayerState.from_state_dict(d, device)
+
+    def _precondition(self, layer: KroneckerLayer, st: KFACLayerState) -> Tensor:
+        """Line 8: ``p = H_Gamma BUF H_Omega``."""
+        return two_sided_product(st.H_Gamma, st.buf, st.H_Omega, self._scratch)
 
     # ------------------------------------------------------------------ warm start
     def warm_start(self, inputs: Iterable[Any]) -> None:
@@ -577,10 +472,13 @@ class KFAC(KroneckerOptimizer):
         backward with sampled targets, without parameter gradients; Omega and Gamma are the
         averages over all samples; module buffers (BatchNorm running statistics) are restored.
         """
-        t0 = time.perf_counter()
+        with self.phases("warm_start"):
+            self._warm_start(inputs)
+        self.warm_started = True
+
+    def _warm_start(self, inputs: Iterable[Any]) -> None:
         inner = unwrap_model(self.model)
         buffers = [(b, b.clone()) for b in inner.buffers()]
-        bias = self._bias_flags()
         sums: dict[str, list[Tensor]] = {}
         count: dict[str, int] = defaultdict(int)
         locations: dict[str, int] = {}
@@ -592,16 +490,16 @@ class KFAC(KroneckerOptimizer):
                     raise TypeError("warm_start expects an iterable of tensors or (input, ...) "
                                     f"tuples, got an element of type {type(x).__name__}")
                 x = x.to(device)
-                records = self._factor_pass(lambda x=x: inner(x), "warm", i, bias)
+                records = self._factor_pass(lambda x=x: inner(x), "warm", i)
                 self._check_records(records)
                 for name, r in records.items():
-                    if r.calls != 1 or r.Omega is None or r.Gamma is None:
+                    if r.calls != 1 or r.A is None or r.G is None:
                         continue
                     if name in sums:
-                        sums[name][0].add_(r.Omega, alpha=r.batch)
-                        sums[name][1].add_(r.Gamma, alpha=r.batch)
+                        sums[name][0].add_(r.A, alpha=r.batch)
+                        sums[name][1].add_(r.G, alpha=r.batch)
                     else:
-                        sums[name] = [r.Omega * r.batch, r.Gamma * r.batch]
+                        sums[name] = [r.A * r.batch, r.G * r.batch]
                     count[name] += r.batch
                     locations[name] = r.locations
         finally:
@@ -621,11 +519,9 @@ class KFAC(KroneckerOptimizer):
                     raise ValueError(f"warm_start: non-finite Omega or Gamma for layer "
                                      f"'{layer.name}' (check the inputs and the model output)")
                 st = self._init_layer(layer, locations[layer.name])
-                st["Omega"], st["Gamma"] = Omega, Gamma
-                st["warm"] = 1
+                st.Omega, st.Gamma = Omega, Gamma
+                st.warm = 1
                 self._invert(st, damping)
-        self.warm_started = True
-        self.times["warm_start"] += time.perf_counter() - t0
 
     # ------------------------------------------------------------------ state / diagnostics
     def state_dict(self) -> dict[str, Any]:
@@ -645,17 +541,18 @@ class KFAC(KroneckerOptimizer):
         out["inverse_updates"] = self.inverse_updates
         return out
 
-    def _layer_stats(self, layer: KroneckerLayer, st: dict, condition: bool) -> dict[str, Any]:
+    def _layer_stats(self, layer: KroneckerLayer, st: KFACLayerState,
+                     condition: bool) -> dict[str, Any]:
         out: dict[str, Any] = {
-            "pi": float(st["pi"]),
-            "stat_updates": int(st["stat_updates"]),
-            "inv_updates": int(st["inv_updates"]),
-            "skipped_stats": int(st["skipped_stats"]),
-            "inv_fallbacks": int(st.get("inv_fallbacks", 0)),
+            "pi": float(st.pi),
+            "stat_updates": int(st.stat_updates),
+            "inv_updates": int(st.inv_updates),
+            "skipped_stats": int(st.skipped_stats),
+            "inv_fallbacks": int(st.inv_fallbacks),
         }
         if condition:
-            out["cond_H_Omega"] = _cond(st["H_Omega"])
-            out["cond_H_Gamma"] = _cond(st["H_Gamma"])
+            out["cond_H_Omega"] = linalg.condition_number(st.H_Omega)
+            out["cond_H_Gamma"] = linalg.condition_number(st.H_Gamma)
         return out
 
 
@@ -664,77 +561,8 @@ class KFAC(KroneckerOptimizer):
 # ---------------------------------------------------------------------------------------------
 
 
-def _cond(H: Tensor) -> float:
-    ev = torch.linalg.eigvalsh(H.double())
-    lo = float(ev[0])
-    return float("inf") if lo <= 0 else float(ev[-1]) / lo
-
-
-def _is_int_at_least(value: Any, low: int | None) -> bool:
-    if isinstance(value, bool):
-        return False
-    try:
-        ok = int(value) == value
-    except (TypeError, ValueError, OverflowError):
-        return False
-    return ok and (low is None or value >= low)
-
-
-def _autocast_state() -> list[tuple[str, torch.dtype]]:
-    """The autocast settings in force, as ``[(device_type, dtype)]``."""
-    state = []
-    for dev in ("cuda", "cpu"):
-        try:
-            on = torch.is_autocast_enabled(dev)
-            dtype = torch.get_autocast_dtype(dev)
-        except (TypeError, AttributeError):  # torch < 2.4
-            if dev == "cuda":
-                on, dtype = torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
-            else:
-                on, dtype = torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
-        if on:
-            state.append((dev, dtype))
-    return state
-
-
-class _autocast:
-    """Re-enter the autocast settings recorded during the closure's forward pass."""
-
-    def __init__(self, state: list[tuple[str, torch.dtype]]) -> None:
-        self.ctxs = [torch.autocast(dev, dtype=dt) for dev, dt in state]
-
-    def __enter__(self) -> None:
-        for c in self.ctxs:
-            c.__enter__()
-
-    def __exit__(self, *exc: object) -> None:
-        for c in reversed(self.ctxs):
-            c.__exit__(*exc)
-
-
 def _output_type_error(got: str) -> TypeError:
     return TypeError(
         "KFAC draws the targets of its Gamma pass from the model output, so the model must "
         "return a single tensor: the logits (likelihood 'categorical' with classes on dim 1, or "
         "'bernoulli') or the mean ('gaussian') of the predictive distribution; got " + got)
-
-
-def _output_checker(call: dict[str, Any]):
-    """Forward hook: notes, for the first call, whether the model output is a tensor."""
-
-    def hook(module: nn.Module, args: tuple, output: Any) -> None:
-        if "output" not in call:
-            call["output"] = None if isinstance(output, Tensor) else type(output).__name__
-
-    return hook
-
-
-def _input_recorder(call: dict[str, Any]):
-    """Forward pre-hook (``with_kwargs=True``) that remembers the first call's arguments."""
-
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if "args" not in call:
-            call["args"], call["kwargs"] = args, dict(kwargs)
-            call["autocast"] = _autocast_state()
-
-    return hook
