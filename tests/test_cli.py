@@ -44,8 +44,8 @@ def test_run_two_methods_then_report(tmp_path, capsys):
 
 def test_demo_tiny(tmp_path, capsys):
     out = tmp_path / "demo"
-    rc = main(["demo", "--time-budget", "0.5", "--methods", "kbfgs", "sgd-m", "--out", str(out),
-               *FAST])
+    rc = main(["demo", "--time-budget", "0.5", "--methods", "kbfgs", "sgd-m", "--problems",
+               "curves-ae", "--out", str(out), *FAST])
     assert rc == 0
     text = capsys.readouterr().out
     assert "| K-BFGS |" in text and "| SGD-m |" in text
@@ -54,8 +54,8 @@ def test_demo_tiny(tmp_path, capsys):
     assert (out / "report.md").is_file() and _png(out / "curves-ae.png")
     assert len(list((out / "runs").glob("*.json"))) == 2
     # a second demo replaces the run files instead of piling them up
-    assert main(["demo", "--time-budget", "0.3", "--methods", "adam", "--out", str(out),
-                 *FAST]) == 0
+    assert main(["demo", "--time-budget", "0.3", "--methods", "adam", "--problems", "curves-ae",
+                 "--out", str(out), *FAST]) == 0
     assert [p.name.split("__")[1] for p in (out / "runs").glob("*.json")] == ["adam"]
 
 
@@ -132,6 +132,7 @@ def test_demo_help_says_what_and_how_long(capsys):
     assert e.value.code == 0
     text = capsys.readouterr().out
     assert "minutes" in text and "--fmnist" in text and "--time-budget" in text
+    assert "Fashion-MNIST" in text and "stand-in" in text
     assert "K-BFGS(L)" in text and "KFAC" in text and "SGD-m" in text
 
 
@@ -141,3 +142,127 @@ def test_demo_default_budget_runs(tmp_path):  # pragma: no cover - minutes
                        check=False, capture_output=True, text=True, timeout=1800)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "report.md").is_file()
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input: an argparse error (exit 2, one line naming the option), never a traceback or hang
+# --------------------------------------------------------------------------------------------
+
+_RUN = ["run", "--problem", "curves-ae", "--optimizer", "kbfgs"]
+_GRID = ["grid", "--problem", "curves-ae", "--optimizer", "kbfgs"]
+BAD_ARGS = [
+    (_RUN + ["--time-budget", "nan"], "--time-budget"),
+    (_RUN + ["--time-budget", "-3"], "--time-budget"),
+    (_RUN + ["--time-budget", "0"], "--time-budget"),
+    (_RUN + ["--epochs", "inf"], "--epochs"),
+    (_RUN + ["--epochs", "1e400"], "--epochs"),
+    (_RUN + ["--lr-decay-every", "-1"], "--lr-decay-every"),
+    (_RUN + ["--lr-decay-every", "nan"], "--lr-decay-every"),
+    (_RUN + ["--lr-decay-factor", "nan"], "--lr-decay-factor"),
+    (_RUN + ["--lr-decay-factor", "-0.1"], "--lr-decay-factor"),
+    (_RUN + ["--lr-decay-factor", "0"], "--lr-decay-factor"),
+    (_RUN + ["--eval-subset", "0"], "--eval-subset"),
+    (_RUN + ["--batch-size", "0"], "--batch-size"),
+    (_RUN + ["--batch-size", "2.5"], "--batch-size"),
+    (_RUN + ["--eval-every", "-1"], "--eval-every"),
+    (_RUN + ["--eval-every", "inf"], "--eval-every"),
+    (_RUN + ["--threads", "0"], "--threads"),
+    (_RUN + ["--device", "foo"], "--device"),
+    (_RUN + ["--device", "cuda:99"], "--device"),
+    (_RUN + ["--subset", "-1"], "--subset"),
+    (_RUN + ["--subset", "0"], "--subset"),
+    (_RUN + ["--seeds", "-1"], "--seeds"),
+    (_RUN + ["--checkpoint-every", "0"], "--checkpoint-every"),
+    (_RUN + ["--lr", "nan"], "--lr"),
+    (_RUN + ["--lr", "0"], "--lr"),
+    (_RUN + ["--lr", "-0.1"], "--lr"),
+    (_RUN + ["--damping", "inf"], "--damping"),
+    (_RUN + ["--damping", "0"], "--damping"),
+    (_RUN + ["--weight-decay", "-1"], "--weight-decay"),
+    (_RUN + ["--weight-decay", "nan"], "--weight-decay"),
+    (_RUN + ["--momentum", "1"], "--momentum"),
+    (_RUN + ["--momentum", "-0.5"], "--momentum"),
+    (_RUN + ["--update-freq", "0"], "--update-freq"),
+    (_RUN + ["--history", "0"], "--history"),
+    (["run", "--problem", "curves-ae", "--optimizer", "kfac", "--stat-freq", "0"], "--stat-freq"),
+    (["run", "--problem", "curves-ae", "--optimizer", "kfac", "--inv-freq", "-2"], "--inv-freq"),
+    (["run", "--problem", "curves-ae", "--optimizer", "kfac", "--likelihood", "poisson"],
+     "--likelihood"),
+    (_GRID + ["--lr", "0.1", "nan"], "--lr"),
+    (_GRID + ["--damping", "-1"], "--damping"),
+    (["demo", "--time-budget", "nan"], "--time-budget"),
+    (["demo", "--threads", "0"], "--threads"),
+    (["demo", "--subset", "-1"], "--subset"),
+    (["reproduce", "--out", "x", "--budget-scale", "nan"], "--budget-scale"),
+    (["reproduce", "--out", "x", "--budget-scale", "0"], "--budget-scale"),
+    (["reproduce", "--out", "x", "--budget-scale", "2"], "--budget-scale"),
+    (["reproduce", "--out", "x", "--seeds", "0"], "--seeds"),
+]
+
+
+@pytest.mark.parametrize("argv, flag", BAD_ARGS, ids=[" ".join(a[4:] if a[0] in ("run", "grid")
+                                                               else a) for a, _ in BAD_ARGS])
+def test_bad_numbers_are_argparse_errors(argv, flag, capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        main([*argv, *(["--out", str(tmp_path)] if argv[0] in ("run", "grid") else [])])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: argument {flag}" in err and "Traceback" not in err
+    assert not list(tmp_path.iterdir())  # nothing trained, nothing written
+
+
+@pytest.mark.parametrize("value", ["abc", "-5", "0", "inf", "nan"])
+def test_bad_dist_timeout_is_a_clean_error_at_start(value, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("KBFGS_DIST_TIMEOUT", value)
+    rc = main(_RUN + ["--time-budget", "1", "--out", str(tmp_path), *FAST])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kbfgs: error: ") and "KBFGS_DIST_TIMEOUT" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_bad_input_through_the_console_has_no_traceback(tmp_path):
+    env = dict(os.environ, KBFGS_DIST_TIMEOUT="abc")
+    r = subprocess.run([PY, "-m", "kbfgs", *_RUN, "--out", str(tmp_path)], check=False,
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "KBFGS_DIST_TIMEOUT" in r.stderr
+    r = subprocess.run([PY, "-m", "kbfgs", *_RUN, "--time-budget", "nan", "--out",
+                        str(tmp_path)], check=False, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "argument --time-budget" in r.stderr
+
+
+def test_run_help_says_one_seed_by_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "One seed (1) by default" in text and "kbfgs reproduce" in text
+
+
+def test_demo_uses_fashion_mnist_when_installed(monkeypatch, tmp_path):
+    from kbfgs.experiments import cli
+
+    monkeypatch.setattr(cli, "fashion_mnist_available", lambda data_dir: True)
+    assert cli.demo_problems(None, False, None) == ["fmnist-ae"]
+    monkeypatch.setattr(cli, "fashion_mnist_available", lambda data_dir: False)
+    assert cli.demo_problems(None, False, None) == ["curves-ae"]
+    assert cli.demo_problems(None, True, None) == ["curves-ae", "fmnist-ae"]
+    assert cli.demo_problems(["curves-ae"], False, None) == ["curves-ae"]
+    monkeypatch.undo()
+    # an empty --data-dir does not hide Debian's copy; a missing one is not found anywhere
+    debian = Path("/usr/share/datasets/fashion-mnist")
+    assert cli.fashion_mnist_available(str(tmp_path)) == debian.is_dir()
+
+
+def test_demo_explains_kfac_flat_start(tmp_path, capsys):
+    out = tmp_path / "demo"
+    rc = main(["demo", "--time-budget", "0.3", "--methods", "kfac", "--problems", "curves-ae",
+               "--out", str(out), *FAST])
+    assert rc == 0
+    text = capsys.readouterr().out
+    (note,) = [ln for ln in text.splitlines() if ln.startswith("note: curves-ae KFAC")]
+    assert "fixed damping" in note and "momentum SGD" in note and "docs/results.md" in note
+    assert "## Notes" in (out / "report.md").read_text()

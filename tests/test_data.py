@@ -343,3 +343,67 @@ def test_augment_cuda_matches_cpu() -> None:
     assert gpu.device.type == "cuda" and torch.equal(gpu.cpu(), cpu)
     g = torch.Generator(device="cuda").manual_seed(3)
     assert D.augment_crop_flip(x.to("cuda"), g).shape == x.shape
+
+
+# ------------------------------------------------------------------------------------------
+# Non-finite data and data identity (issue 12, items 5 and 6)
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_curves_file_is_refused_naming_file_and_index(tmp_path: Path,
+                                                                 bad: float) -> None:
+    """One bad pixel is refused at load, with the file and the first bad (sample, feature),
+    instead of reaching the optimizer (a LinAlgError for K-BFGS, 'diverged' for Adam)."""
+    import scipy.io
+
+    rng = np.random.default_rng(2)
+    bdata, btest = rng.random((6, 784)), rng.random((4, 784))
+    bdata[3, 17] = bad
+    bdata[5, 2] = bad  # a later one: the first is reported
+    scipy.io.savemat(tmp_path / "digs3pts_1.mat", {"bdata": bdata, "bdatatest": btest})
+    with pytest.raises(ValueError) as e:
+        D.load_dataset("curves", tmp_path)
+    msg = str(e.value)
+    assert "digs3pts_1.mat" in msg and "bdata" in msg and "sample 3, feature 17" in msg, msg
+    assert "2 non-finite values" in msg
+
+
+def test_non_finite_faces_test_part_is_refused(tmp_path: Path) -> None:
+    """FACES stores (625, N): the reported index is the sample's, after the transposition."""
+    import scipy.io
+
+    rows = np.zeros((7, 625))
+    rows[6, 624] = np.nan
+    scipy.io.savemat(tmp_path / "newfaces_rot_single.mat", {"newfaces_single": rows.T})
+    with pytest.raises(ValueError, match=r"newfaces_rot_single\.mat.*sample 6, feature 624"):
+        D.load_faces(tmp_path, n_train=5)
+
+
+def test_check_finite_passes_finite_data_through() -> None:
+    x = torch.rand(4, 3)
+    assert D.check_finite(x, "x") is x
+    with pytest.raises(ValueError, match=r"what: non-finite value nan at sample 1, feature 2"):
+        D.check_finite(torch.tensor([[0.0, 1.0, 2.0], [0.0, 1.0, float("nan")]]), "what")
+
+
+def test_fingerprint_depends_on_values_and_shapes_not_on_copies() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(300, 784, generator=g)
+    fp = D.fingerprint(x, None)
+    assert fp == D.fingerprint(x.clone(), None) and len(fp) == 16
+    assert fp != D.fingerprint(x[:299], None)  # another shape
+    y = x.clone()
+    y[0, 0] += 0.5  # the first element is always in the sample
+    assert fp != D.fingerprint(y, None)
+    assert fp != D.fingerprint(x, torch.zeros(1))  # other companion tensors
+    assert fp != D.fingerprint(x.double(), None)  # another dtype
+
+
+def test_loaders_name_their_source_without_the_directory(tmp_path: Path) -> None:
+    import scipy.io
+
+    scipy.io.savemat(tmp_path / "digs3pts_1.mat",
+                     {"bdata": np.zeros((2, 784)), "bdatatest": np.zeros((1, 784))})
+    assert D.load_curves(tmp_path).source == "digs3pts_1.mat"
+    assert D.load_curves(None, n_train=2, n_test=0).source == "stand-in generator seed 0"

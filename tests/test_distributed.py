@@ -31,6 +31,7 @@ from torch import nn
 
 import kbfgs
 from kbfgs import distributed
+from kbfgs.experiments import checkpoint, launch
 from kbfgs.experiments import models as paper_models
 from kbfgs.optim import kfac as kfac_mod
 
@@ -231,10 +232,10 @@ def test_single_process_pays_nothing(monkeypatch):
         _reference(name)
     model = _model("mlp")
     assert distributed.process_group(model) is None
-    assert distributed.shard(torch.arange(5)).numel() == 5
-    assert distributed.world_size() == 1 and distributed.is_main_process()
-    assert distributed.prepare_model(model, "cpu", seed=1) is model
-    assert distributed.agree(False) is False
+    assert launch.shard(torch.arange(5)).numel() == 5
+    assert distributed.world_size() == 1 and launch.is_main_process()
+    assert launch.prepare_model(model, "cpu", seed=1) is model
+    assert launch.agree(False) is False and launch.broadcast_object([1]) == [1]
 
 
 def _bytes_per_update(monkeypatch, opt_name: str, model_fn) -> tuple[int, int]:
@@ -247,7 +248,7 @@ def _bytes_per_update(monkeypatch, opt_name: str, model_fn) -> tuple[int, int]:
         opt = kbfgs.KFAC(model, lr=0.01, damping=0.3, stat_freq=1, inv_freq=1000)
     # the preconditioning (dense products with H_A, H_Omega) does not touch what is
     # communicated; skip it to keep the test fast on a CPU
-    opt._precondition = lambda layer, st: st["buf"]
+    opt._precondition = lambda layer, st: st.buf
     fake = _FakeWorld().install(monkeypatch)
     x = torch.randn(2, 3, 32, 32)
     y = torch.tensor([1, 7])
@@ -310,12 +311,12 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
     """One rank: every scenario on this rank's half of each minibatch, then the fault."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                      **{distributed.ENV_TIMEOUT: "30"})
+                      **{launch.ENV_TIMEOUT: "30"})
     torch.set_num_threads(1)
     tmp_path = Path(tmp)
     sys.stderr = open(tmp_path / f"stderr{rank}.txt", "w", buffering=1)  # noqa: SIM115
     try:
-        with distributed.launch("cpu") as ws:
+        with launch.launch("cpu") as ws:
             assert ws == world and distributed.rank() == rank
             results = _rank_scenarios(rank, world, tmp_path)
             # A stuck (alive) peer: rank 0's collective fails at the group's timeout.
@@ -353,7 +354,7 @@ def _stuck_peer(rank: int) -> tuple[float, str] | None:
             out = (time.perf_counter() - t0, str(e))
     else:
         time.sleep(5.0)
-    distributed.barrier()
+    launch.barrier()
     return out
 
 
@@ -394,7 +395,7 @@ def _rank_scenarios(rank: int, world: int, tmp: Path) -> dict:
 
         def on_step(step, model=model, opt=opt, sc=sc):
             if sc.get("ckpt") and step == CKPT_STEP:
-                distributed.save_checkpoint(tmp / "ckpt.pt", model, opt, {"step": step})
+                checkpoint.save_checkpoint(tmp / "ckpt.pt", model, opt, {"step": step})
 
         counter = {"n": 0}
         real = distributed._all_reduce
@@ -498,7 +499,7 @@ def test_checkpoint_from_two_ranks_resumes_in_one_process(two_ranks):
     ref, _ = _reference("mlp-kbfgs-T1")
     model = _model(sc["model"])
     opt = _optimizer(sc, model)
-    extra = distributed.load_checkpoint(two_ranks["tmp"] / "ckpt.pt", model, opt)
+    extra = checkpoint.load_checkpoint(two_ranks["tmp"] / "ckpt.pt", model, opt)
     assert extra == {"step": CKPT_STEP} and opt.steps == CKPT_STEP
     _train(sc, model, opt, range(CKPT_STEP, STEPS))
     assert _rel(_flat_params(model), ref) <= 1e-10
@@ -517,15 +518,16 @@ def test_launch_initialises_from_the_torchrun_environment(monkeypatch, capsys):
     seen = {}
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
-    monkeypatch.setenv(distributed.ENV_TIMEOUT, "7")
+    monkeypatch.setenv(launch.ENV_TIMEOUT, "7")
     monkeypatch.setattr(dist, "init_process_group", lambda **kw: seen.update(kw))
-    with pytest.raises(KeyError), distributed.launch("cpu"):
+    with pytest.raises(KeyError), launch.launch("cpu"):
         raise KeyError("boom")
     assert seen == {"backend": "gloo", "timeout": datetime.timedelta(seconds=7)}
     assert "kbfgs: rank 1/2: KeyError: 'boom'" in capsys.readouterr().err
-    monkeypatch.setenv(distributed.ENV_TIMEOUT, "-1")
-    with pytest.raises(ValueError, match=distributed.ENV_TIMEOUT):
-        distributed.timeout_seconds()
+    for bad in ("-1", "abc", "nan", "inf"):
+        monkeypatch.setenv(launch.ENV_TIMEOUT, bad)
+        with pytest.raises(ValueError, match=launch.ENV_TIMEOUT):
+            launch.timeout_seconds()
 
 
 def test_a_failing_rank_stops_every_rank(two_ranks):
@@ -549,10 +551,10 @@ def test_a_failing_rank_stops_every_rank(two_ranks):
 def test_shard_needs_a_divisible_batch(monkeypatch):
     monkeypatch.setattr(distributed, "world_size", lambda: 2)
     monkeypatch.setattr(distributed, "rank", lambda: 1)
-    assert distributed.shard(torch.arange(6)).tolist() == [3, 4, 5]
-    assert distributed.shard_dataset(torch.arange(5)).tolist() == [1, 3]
+    assert launch.shard(torch.arange(6)).tolist() == [3, 4, 5]
+    assert launch.shard_dataset(torch.arange(5)).tolist() == [1, 3]
     with pytest.raises(ValueError, match="multiple of the world size"):
-        distributed.shard(torch.arange(5))
+        launch.shard(torch.arange(5))
 
 
 def test_torchrun_run_equals_one_process(tmp_path):
@@ -561,7 +563,7 @@ def test_torchrun_run_equals_one_process(tmp_path):
     args = ["run", "--problem", "curves-ae", "--optimizer", "kbfgs", "--epochs", "3",
             "--subset", "64", "--batch-size", "32", "--device", "cpu", "--threads", "1",
             "--no-progress", "--eval-subset", "64"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", **{distributed.ENV_TIMEOUT: "60"})
+    env = dict(os.environ, OMP_NUM_THREADS="1", **{launch.ENV_TIMEOUT: "60"})
     env.pop("WORLD_SIZE", None)
     one = subprocess.run([sys.executable, "-m", "kbfgs", *args, "--out", str(tmp_path / "one")],
                          check=False, env=env, capture_output=True, text=True, timeout=240)

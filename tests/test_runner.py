@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -13,7 +14,7 @@ import torch
 from kbfgs.experiments import grid as grid_mod
 from kbfgs.experiments import problems as P
 from kbfgs.experiments import report as R
-from kbfgs.experiments import runner
+from kbfgs.experiments import rundata, runner, trainer
 
 # ------------------------------------------------------------------------------------------
 # Problems and defaults
@@ -232,7 +233,7 @@ def test_classifier_problem_with_augmentation(tmp_path, monkeypatch):
                        y_test=torch.randint(0, 10, (32,), generator=g),
                        name="fashion-mnist", note="synthetic")
     monkeypatch.setattr(D, "load_dataset", lambda name, data_dir=None, **kw: fake)
-    monkeypatch.setattr(runner, "_DATA_CACHE", {})
+    monkeypatch.setattr(rundata, "_DATA_CACHE", {})
     spec = _spec("kbfgs", problem="resnet32-fmnist", epochs=2, subset=32, batch_size=16,
                  lr_decay=(1.0, 0.5), hps={"update_freq": 2})
     res, _ = runner.run(spec, tmp_path, progress=False, echo=lambda s: None)
@@ -284,7 +285,7 @@ def test_time_budget_run_resumes_with_its_clock(tmp_path, monkeypatch):
     monkeypatch.setenv("KBFGS_FAIL_AT_ITER", "6")  # 4 iterations per epoch: after epoch 1
     with pytest.raises(RuntimeError, match="injected"):
         runner.run(spec, tmp_path, progress=False, echo=lambda s: None)
-    saved = torch.load(runner.checkpoint_path(tmp_path, spec), weights_only=False)["extra"]
+    saved = torch.load(runner.checkpoint_path(tmp_path, spec), weights_only=True)["extra"]
     assert saved["it"] == 4 and saved["process"] > 0
     monkeypatch.delenv("KBFGS_FAIL_AT_ITER")
     res, _ = runner.run(spec, tmp_path, progress=False, echo=lambda s: None)
@@ -497,7 +498,7 @@ class _Exploding(torch.optim.SGD):
 
 def test_optimizer_error_on_blown_up_model_is_divergence(tmp_path, monkeypatch):
     for i, poison in enumerate((float("nan"), 1e30)):
-        monkeypatch.setattr(runner, "make_method_optimizer",
+        monkeypatch.setattr(trainer, "make_method_optimizer",
                             lambda method, model, hps, seed=None, poison=poison:
                             _Exploding(model.parameters(), poison))
         spec = _spec("sgd-m", epochs=3, subset=50, seed=20 + i)
@@ -505,7 +506,7 @@ def test_optimizer_error_on_blown_up_model_is_divergence(tmp_path, monkeypatch):
         assert res["final"]["diverged"] and "p_in" in res["final"]["error"]
         assert res["final"]["train_loss"] is None and res["final"]["iterations"] == 0
     # with finite parameters the error is a bug, not a divergence: it propagates
-    monkeypatch.setattr(runner, "make_method_optimizer",
+    monkeypatch.setattr(trainer, "make_method_optimizer",
                         lambda method, model, hps, seed=None:
                         _Exploding(model.parameters(), 0.0))
     with pytest.raises(RuntimeError, match="p_in"):
@@ -536,3 +537,151 @@ def test_figure_zoom_clips_the_initial_drop():
     R._zoom(ax)
     assert ax.get_ylim()[1] > 40  # 58 - 0.2 * 57 = 46.6 is in range now
     plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------
+# Output directory, data identity, logs (issue 12, items 4, 5, 9)
+# ------------------------------------------------------------------------------------------
+
+
+def _no_training(monkeypatch):
+    def forbidden(*a, **kw):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(runner, "train", forbidden)
+
+
+def test_out_that_is_a_file_is_refused_before_training(tmp_path, monkeypatch):
+    _no_training(monkeypatch)
+    spec = _spec("sgd-m", epochs=1, subset=20)
+    f = tmp_path / "results"
+    f.write_text("not a directory")
+    with pytest.raises(runner.RunnerError, match=r"--out .*results is a file, not a directory"):
+        runner.run(spec, f, progress=False, echo=lambda s: None)
+    with pytest.raises(runner.RunnerError, match=r"--out .*results.*cannot create"):
+        runner.run(spec, f / "sub", progress=False, echo=lambda s: None)
+    assert f.read_text() == "not a directory"
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0,
+                    reason="root writes into read-only directories")
+def test_read_only_out_is_refused_before_training(tmp_path, monkeypatch):
+    _no_training(monkeypatch)
+    spec = _spec("sgd-m", epochs=1, subset=20)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        with pytest.raises(runner.RunnerError, match=r"--out .*ro: cannot write"):
+            runner.run(spec, ro, progress=False, echo=lambda s: None)
+    finally:
+        ro.chmod(0o755)
+
+
+def test_unwritable_out_is_found_by_writing_not_by_permission_bits(tmp_path, monkeypatch):
+    """The check writes a probe file, so whatever makes writing fail (read-only mount, quota,
+    permissions; simulated here, as root ignores permission bits) stops the run before it
+    trains, and a finished result in such a directory is still found and skipped."""
+    spec = _spec("sgd-m", epochs=1, subset=20)
+    runner.run(spec, tmp_path, progress=False, echo=lambda s: None)
+    import builtins
+
+    real_open = builtins.open
+
+    def read_only_open(file, mode="r", *a, **kw):
+        if any(c in mode for c in "wax+") and Path(file).parent == tmp_path:
+            raise OSError(30, "Read-only file system")
+        return real_open(file, mode, *a, **kw)
+
+    monkeypatch.setattr(builtins, "open", read_only_open)
+    _no_training(monkeypatch)
+    msgs: list[str] = []
+    _, ran = runner.run(spec, tmp_path, progress=False, echo=msgs.append)
+    assert not ran and "skip (already finished)" in msgs[0]
+    other = _spec("sgd-m", epochs=1, subset=20, seed=2)
+    with pytest.raises(runner.RunnerError, match="cannot write result files there "
+                                                 r"\(Read-only file system\)"):
+        runner.run(other, tmp_path, progress=False, echo=lambda s: None)
+
+
+def _curves_file(directory, seed=0, n=40):
+    import numpy as np
+    import scipy.io
+
+    rng = np.random.default_rng(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    scipy.io.savemat(directory / "digs3pts_1.mat", {"bdata": rng.random((n, 784)),
+                                                    "bdatatest": rng.random((n // 2, 784))})
+
+
+def test_data_is_part_of_the_run_identity(tmp_path):
+    """The stand-in CURVES and a digs3pts_1.mat file give two run ids (no 'skip (already
+    finished)' of the wrong data) and two report groups; the same file under another path is
+    the same data (same run id: skipped)."""
+    out = tmp_path / "out"
+    kw = {"epochs": 1, "subset": 40, "batch_size": 20}
+    stand_in = _spec("sgd-m", **kw)
+    _curves_file(tmp_path / "a")
+    from_file = _spec("sgd-m", data_dir=str(tmp_path / "a"), **kw)
+    assert stand_in.data.startswith("curves:stand-in generator seed 0:")
+    assert from_file.data.startswith("curves:digs3pts_1.mat:")
+    assert stand_in.run_id() != from_file.run_id()
+    r1, ran1 = runner.run(stand_in, out, progress=False, echo=lambda s: None)
+    r2, ran2 = runner.run(from_file, out, progress=False, echo=lambda s: None)
+    assert ran1 and ran2 and r1["run_id"] != r2["run_id"]
+    assert r2["spec"]["data"] == from_file.data
+    assert len(R.group_results([r1, r2])[("curves-ae", "sgd-m")]) == 2
+    # the same file elsewhere: the same data
+    _curves_file(tmp_path / "b" / "curves")
+    moved = _spec("sgd-m", data_dir=str(tmp_path / "b"), **kw)
+    assert moved.run_id() == from_file.run_id()
+    msgs: list[str] = []
+    _, ran3 = runner.run(moved, out, progress=False, echo=msgs.append)
+    assert not ran3 and "skip (already finished)" in msgs[0]
+    # other values in a file of the same name and shape: other data
+    _curves_file(tmp_path / "c", seed=1)
+    assert _spec("sgd-m", data_dir=str(tmp_path / "c"), **kw).run_id() != from_file.run_id()
+    # a spec built without its data identity gets it when it runs
+    bare = dataclasses.replace(stand_in, data=None)
+    assert runner.run(bare, out, progress=False, echo=lambda s: None)[1] is False
+
+
+def test_old_result_files_without_data_identity_still_load(tmp_path):
+    """A result written before runs recorded their data: it loads, reports, and forms its own
+    group (unknown data), apart from a run of the same setting on identified data."""
+    spec = _spec("sgd-m", epochs=1, subset=20)
+    res, _ = runner.run(spec, tmp_path, progress=False, echo=lambda s: None)
+    old = json.loads(json.dumps(res))
+    del old["spec"]["data"]
+    runner.write_json_atomic(tmp_path / "old.json", old)
+    loaded = R.load_results(tmp_path)
+    assert len(loaded) == 2
+    groups = R.group_results(loaded)[("curves-ae", "sgd-m")]
+    assert sorted(len(g.runs) for g in groups) == [1, 1]
+
+
+def test_progress_writes_no_carriage_returns_into_a_log(tmp_path, capsys):
+    """stderr not a terminal (a log file, a pipe, pytest's capture): no tqdm updates with
+    carriage returns; the summary line stays on stdout."""
+    spec = _spec("sgd-m", epochs=2, subset=40, batch_size=10)
+    runner.run(spec, tmp_path, progress=True)
+    out, err = capsys.readouterr()
+    assert "\r" not in err and "\r" not in out
+    assert "curves-ae sgd-m seed 1: train loss" in out
+
+
+def test_progress_bar_on_a_terminal(monkeypatch):
+    import io
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    tty = Tty()
+    monkeypatch.setattr("sys.stderr", tty)
+    bar = trainer.progress_bar(10, "x", "it", True)
+    assert bar is not None
+    bar.update(3)
+    bar.close()
+    assert "\r" in tty.getvalue() and "3/10" in tty.getvalue()
+    assert trainer.progress_bar(10, "x", "it", False) is None

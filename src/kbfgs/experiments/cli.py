@@ -1,18 +1,19 @@
 """The ``kbfgs`` command line (also ``python -m kbfgs``).
 
-Subcommands: ``demo`` (the short comparison of the README), ``run``, ``grid``, ``report`` and
-``list``. See ``kbfgs COMMAND --help``.
+Subcommands: ``demo`` (the short comparison of the README), ``run``, ``grid``, ``reproduce``
+(all of Section 6, resumable), ``report`` and ``list``. See ``kbfgs COMMAND --help``.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 __all__ = ["build_parser", "main"]
 
@@ -23,21 +24,88 @@ _DEMO_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
     "curves-ae": {"kfac": {"lr": 0.1}},
 }
 _DEMO_BUDGET = 60.0
-_HP_FLAGS = (
-    ("lr", float, "learning rate (initial learning rate for the CNNs)"),
-    ("damping", float, "damping lambda (Adam: epsilon)"),
-    ("weight_decay", float, "decoupled weight decay gamma: W -= lr (p + gamma W)"),
-    ("momentum", float, "momentum beta (0.9 in the paper)"),
-    ("update_freq", int, "K-BFGS curvature update frequency T"),
-    ("history", int, "K-BFGS(L): number of L-BFGS pairs (100)"),
-    ("stat_freq", int, "KFAC: statistics update frequency T1"),
-    ("inv_freq", int, "KFAC: inverse update frequency T2"),
-    ("likelihood", str, "KFAC: bernoulli, gaussian or categorical"),
-)
+_DEMO_HP_KEYS = ("lr", "damping", "update_freq", "inv_freq")
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     pass
+
+
+# --------------------------------------------------------------------------------------------
+# Argument types: every numeric option is checked for finiteness and range by the parser, so a
+# bad value ends in ``error: argument --x: ...`` (exit 2), never in a traceback or a hang.
+# --------------------------------------------------------------------------------------------
+
+
+def number(kind: type, *, low: float | None = None, high: float | None = None,
+           low_open: bool = False, high_open: bool = False) -> Callable[[str], Any]:
+    """An argparse ``type=``: a finite ``kind`` (int or float) in the range [low, high].
+
+    ``low_open`` / ``high_open`` exclude the bound itself. The returned function raises
+    ``argparse.ArgumentTypeError`` with a message that states the accepted range.
+    """
+    lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
+    hi = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
+    want = (f"a finite {'integer' if kind is int else 'number'}"
+            + (f" {lo}" if lo else "") + (" and" if lo and hi else "") + (f" {hi}" if hi else ""))
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except (TypeError, ValueError, OverflowError):
+            raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}") from None
+        ok = math.isfinite(value)
+        if ok and low is not None:
+            ok = value > low if low_open else value >= low
+        if ok and high is not None:
+            ok = value < high if high_open else value <= high
+        if not ok:
+            raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}")
+        return value
+
+    parse.__name__ = f"{kind.__name__} ({want})"  # argparse names the type in some messages
+    return parse
+
+
+_POS_FLOAT = number(float, low=0.0, low_open=True)
+_NONNEG_FLOAT = number(float, low=0.0)
+_POS_INT = number(int, low=1)
+_NONNEG_INT = number(int, low=0)
+_FRACTION = number(float, low=0.0, high=1.0, low_open=True)
+_MOMENTUM = number(float, low=0.0, high=1.0, high_open=True)
+_LIKELIHOODS = ("bernoulli", "gaussian", "categorical")
+#: (name, argparse type, help) of the hyper-parameter flags
+_HP_FLAGS: tuple[tuple[str, Callable[[str], Any], str], ...] = (
+    ("lr", _POS_FLOAT, "learning rate (initial learning rate for the CNNs)"),
+    ("damping", _POS_FLOAT, "damping lambda (Adam: epsilon)"),
+    ("weight_decay", _NONNEG_FLOAT, "decoupled weight decay gamma: W -= lr (p + gamma W)"),
+    ("momentum", _MOMENTUM, "momentum beta (0.9 in the paper)"),
+    ("update_freq", _POS_INT, "K-BFGS curvature update frequency T"),
+    ("history", _POS_INT, "K-BFGS(L): number of L-BFGS pairs (100)"),
+    ("stat_freq", _POS_INT, "KFAC: statistics update frequency T1"),
+    ("inv_freq", _POS_INT, "KFAC: inverse update frequency T2"),
+    ("likelihood", str, "KFAC: bernoulli, gaussian or categorical"),
+)
+
+
+def device_arg(text: str) -> str:
+    """An argparse ``type=`` for ``--device``: cpu, cuda or cuda:N (available on this machine)."""
+    import torch
+
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(
+            f"expected cpu, cuda or cuda:N, got {text!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return text
 
 
 def _problem_list() -> str:
@@ -63,54 +131,60 @@ def _add_common(p: argparse.ArgumentParser, *, grid: bool) -> None:
                                                    "--problem P`)"))
     for name, typ, text in _HP_FLAGS:
         flag = "--" + name.replace("_", "-")
+        choices = _LIKELIHOODS if name == "likelihood" else None
         if grid and typ is not str:
             hp.add_argument(flag, dest=name, type=typ, nargs="+", default=None, help=text)
         else:
-            hp.add_argument(flag, dest=name, type=typ, default=None, help=text)
+            hp.add_argument(flag, dest=name, type=typ, default=None, choices=choices,
+                            help=text)
     b = p.add_argument_group("budget (default: the paper's: process time for the "
                              "autoencoders, epochs and lr decay for the CNNs)")
     ex = b.add_mutually_exclusive_group()
-    ex.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+    ex.add_argument("--time-budget", type=_POS_FLOAT, default=None, metavar="SECONDS",
                     help="process-time budget per run (training only: warm start and "
                          "evaluation excluded)")
-    ex.add_argument("--epochs", type=float, default=None, help="number of epochs per run")
-    b.add_argument("--lr-decay-every", type=float, default=None, metavar="EPOCHS",
+    ex.add_argument("--epochs", type=_POS_FLOAT, default=None, help="number of epochs per run")
+    b.add_argument("--lr-decay-every", type=_NONNEG_FLOAT, default=None, metavar="EPOCHS",
                    help="multiply the learning rate by --lr-decay-factor every EPOCHS epochs "
                         "(0: no decay)")
-    b.add_argument("--lr-decay-factor", type=float, default=None)
-    p.add_argument("--seeds", type=int, nargs="+", default=[1], help="random seeds")
+    b.add_argument("--lr-decay-factor", type=_FRACTION, default=None,
+                   help="learning-rate decay factor, in (0, 1] (the paper's: 0.1)")
+    p.add_argument("--seeds", type=_NONNEG_INT, nargs="+", default=[1],
+                   help="random seeds (the paper averages 5 seeds: `kbfgs reproduce` runs "
+                        "1 2 3 4 5 by default; `run` and `grid` run one seed unless told)")
     p.add_argument("--out", default="results" if not grid else "grid-results",
                    help="directory of the result files (one JSON per run)")
     _add_env(p)
-    p.add_argument("--subset", type=int, default=None, metavar="N",
+    p.add_argument("--subset", type=_POS_INT, default=None, metavar="N",
                    help="use only the first N training samples (and at most N validation "
                         "samples)")
-    p.add_argument("--eval-subset", type=int, default=None, metavar="N",
+    p.add_argument("--eval-subset", type=_POS_INT, default=None, metavar="N",
                    help="log the training loss on a fixed random subset of N training samples "
                         "(default: the problem's: all for CURVES, 10000 for the larger sets)")
-    p.add_argument("--eval-every", type=float, default=None, metavar="SECONDS",
+    p.add_argument("--eval-every", type=_POS_FLOAT, default=None, metavar="SECONDS",
                    help="also evaluate every SECONDS of training process time (default with "
                         "--time-budget: budget / 20)")
-    p.add_argument("--batch-size", type=int, default=None,
+    p.add_argument("--batch-size", type=_POS_INT, default=None,
                    help="minibatch size (default: the paper's, 1000 or 128)")
     p.add_argument("--no-warm-start", action="store_true",
                    help="skip the warm start of K-BFGS / KFAC from the training set")
     p.add_argument("--force", action="store_true",
                    help="rerun runs whose result file already exists (and discard their "
                         "checkpoints)")
-    p.add_argument("--checkpoint-every", type=int, default=None, metavar="EPOCHS",
+    p.add_argument("--checkpoint-every", type=_POS_INT, default=None, metavar="EPOCHS",
                    help="write OUT/<run id>.ckpt every EPOCHS epochs (rank 0); a rerun of an "
                         "interrupted run resumes from it, on any number of processes with the "
                         "same global batch; removed when the run finishes")
 
 
 def _add_env(p: argparse.ArgumentParser, threads_default: int | None = None) -> None:
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--device", type=device_arg, default=None,
+                   help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--data-dir", default=None,
                    help="directory with the data files (Fashion-MNIST is also looked for in "
                         "/usr/share/datasets/fashion-mnist; CURVES falls back to the built-in "
                         "generator)")
-    p.add_argument("--threads", type=int, default=threads_default,
+    p.add_argument("--threads", type=_POS_INT, default=threads_default,
                    help="torch.set_num_threads (None: torch's default). Process time counts "
                         "every thread: on a busy machine idle OpenMP threads spinning inflate "
                         "it, so --threads 1 gives the most iterations per process-second")
@@ -128,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
                "--seeds 1 2 3 --out results\n"
                "  kbfgs grid --problem fmnist-ae --optimizer adam --time-budget 30 "
                "--out grid\n"
+               "  kbfgs reproduce --problems curves-ae --budget-scale 0.02 --out repro\n"
                "  kbfgs report results\n")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -135,31 +210,36 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", formatter_class=_Formatter,
         help="short comparison of K-BFGS, K-BFGS(L), KFAC, Adam and SGD-m, then a report",
         description=(
-            "Train the CURVES autoencoder of Table 5 (batch 1000, BCE with logits summed over "
-            "pixels) on the built-in CURVES stand-in (20,000 seeded generated images of smooth "
-            "curves; NOT the original digs3pts_1.mat unless --data-dir holds it) with K-BFGS, "
-            "K-BFGS(L), KFAC, Adam and SGD-m at the paper's CURVES hyper-parameters (Table 6), "
-            "each for --time-budget seconds of process time (training only; process time "
-            "counts every thread, so on 2 cores it passes up to twice as fast as the clock). "
-            "Then print a table of final training loss and time per iteration and write "
-            "OUT/report.md, OUT/curves-ae.png and the run files OUT/runs/*.json (replaced on "
-            "every demo). One torch thread by default (--threads).\n\n"
-            "With --fmnist, the same five methods also train the MNIST autoencoder on "
-            "Fashion-MNIST (fmnist-ae; needs the files of Debian's dataset-fashion-mnist in "
-            "/usr/share/datasets/fashion-mnist or --data-dir) with the values of `kbfgs list "
-            "--problem fmnist-ae`.\n\n"
-            "Duration on an idle 2-core CPU with the default 60 s: about 6 minutes for CURVES "
-            "(5 runs x 60 s process time plus data generation, warm starts and evaluations), "
+            "Train an autoencoder of Table 5 (batch 1000, BCE with logits summed over pixels) "
+            "with K-BFGS, K-BFGS(L), KFAC, Adam and SGD-m, each for --time-budget seconds of "
+            "process time (training only; process time counts every thread, so on 2 cores it "
+            "passes up to twice as fast as the clock): the MNIST autoencoder on Fashion-MNIST "
+            "(fmnist-ae, the values of `kbfgs list --problem fmnist-ae`) when Debian's "
+            "dataset-fashion-mnist is installed (/usr/share/datasets/fashion-mnist) or "
+            "--data-dir holds its files, otherwise the CURVES autoencoder on the built-in "
+            "CURVES stand-in (20,000 seeded generated images of smooth curves; NOT the original "
+            "digs3pts_1.mat unless --data-dir holds it) at the paper's CURVES hyper-parameters "
+            "(Table 6). --problems chooses; --fmnist runs both. Then print a table of final "
+            "training loss and time per iteration (with a note on KFAC's flat start, Algorithm "
+            "5's fixed damping) and write OUT/report.md, OUT/<problem>.png and the run files "
+            "OUT/runs/*.json (replaced on every demo). One torch thread by default "
+            "(--threads).\n\n"
+            "Duration on an idle 2-core CPU with the default 60 s: about 6 minutes per problem "
+            "(5 runs x 60 s process time plus data loading, warm starts and evaluations), "
             "about 12 minutes with --fmnist; longer when other processes share the CPU."))
-    demo.add_argument("--time-budget", type=float, default=_DEMO_BUDGET, metavar="SECONDS",
+    demo.add_argument("--time-budget", type=_POS_FLOAT, default=_DEMO_BUDGET, metavar="SECONDS",
                       help="process-time budget per method")
     demo.add_argument("--out", default="demo-out", help="output directory")
     demo.add_argument("--methods", nargs="+", default=list(_DEMO_METHODS),
                       help="methods to compare")
+    demo.add_argument("--problems", nargs="+", default=None, metavar="P",
+                      choices=("curves-ae", "fmnist-ae"),
+                      help="curves-ae and/or fmnist-ae (default: fmnist-ae when Fashion-MNIST "
+                           "is installed, else curves-ae)")
     demo.add_argument("--fmnist", action="store_true",
-                      help="also run fmnist-ae (Fashion-MNIST), doubling the time")
-    demo.add_argument("--seed", type=int, default=1)
-    demo.add_argument("--subset", type=int, default=None, metavar="N",
+                      help="run both curves-ae and fmnist-ae, doubling the time")
+    demo.add_argument("--seed", type=_NONNEG_INT, default=1)
+    demo.add_argument("--subset", type=_POS_INT, default=None, metavar="N",
                       help="use only the first N training samples")
     _add_env(demo, threads_default=1)
 
@@ -169,7 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      "with warm start and evaluation excluded. Each seed "
                                      "writes OUT/<problem>__<method>__<hps>__<hash>__seed<S>"
                                      ".json atomically; a finished run is skipped on rerun "
-                                     "(use --force to redo it).\n\nproblems:\n"
+                                     "(use --force to redo it).\n\nOne seed (1) by "
+                                     "default, a quick check: the paper averages 5 seeds "
+                                     "(--seeds 1 2 3 4 5, or `kbfgs reproduce`).\n\n"
+                                     "problems:\n"
                                      + _problem_list() + "\n\nmethods:\n" + _method_list())
     _add_common(run, grid=False)
 
@@ -185,6 +268,43 @@ def build_parser() -> argparse.ArgumentParser:
                                       "interrupted grid resumes. The summary goes to "
                                       "OUT/grids/best__<problem>__<method>.json.")
     _add_common(grid, grid=True)
+
+    repro = sub.add_parser(
+        "reproduce", formatter_class=_Formatter,
+        help="every problem x method x seed of Section 6 (Tables 3, 4 and 7), resumable, "
+             "then the report",
+        description=(
+            "Run the rows of Table 3 and Table 7 (MNIST, FACES and CURVES autoencoders: "
+            "K-BFGS, K-BFGS with T = 20, K-BFGS(L), K-BFGS-20, K-BFGS(L)-20, the two Table 7 "
+            "ablations, KFAC, Adam, SGD-m) and of Table 4 (VGG16-BN and ResNet32 on CIFAR-10 "
+            "and CIFAR-100: K-BFGS, KFAC, Adam, SGD-m), each for every seed, with the paper's "
+            "hyper-parameters (Tables 6 and 8) and budgets (Section 6.1: 500 s / 2000 s of "
+            "process time; Section 6.2: 150 or 200 epochs with step decay), then write "
+            "OUT/report.md (the tables next to the paper's numbers) and one PNG per problem. "
+            "Rerunning the same command after an interruption skips the finished runs and "
+            "resumes the interrupted one from its checkpoint.\n\n"
+            "Problems whose data is absent (MNIST, FACES and CIFAR need --data-dir) are "
+            "skipped with one line each; CURVES falls back to the built-in stand-in.\n\n"
+            "Time: at --budget-scale 1 the autoencoders alone ask for 150,000 s of training "
+            "process time (10 methods x 5 seeds x (500 + 2000 + 500) s). On a 2-core CPU use "
+            "--budget-scale 0.02 (see docs/api.md for the estimate)."))
+    repro.add_argument("--problems", nargs="+", default=None, metavar="P",
+                       help="problems to run (default: the seven of Section 6)")
+    repro.add_argument("--methods", nargs="+", default=None, metavar="O",
+                       help="restrict to these methods (default: every row of the tables)")
+    repro.add_argument("--seeds", type=_POS_INT, default=5, metavar="N",
+                       help="seeds 1..N per run (the paper's 5)")
+    repro.add_argument("--budget-scale", type=_FRACTION, default=1.0, metavar="F",
+                       help="multiply every budget (process time; CNN epochs and decay "
+                            "interval) by F in (0, 1]")
+    repro.add_argument("--out", required=True, help="results directory (resumable)")
+    repro.add_argument("--subset", type=_POS_INT, default=None, metavar="N",
+                       help="use only the first N training samples (a smoke test, not the "
+                            "paper's setting)")
+    repro.add_argument("--checkpoint-every", type=_POS_INT, default=None, metavar="EPOCHS",
+                       help="checkpoint interval (default: 1 epoch for the CNNs, 10 for the "
+                            "autoencoders)")
+    _add_env(repro)
 
     rep = sub.add_parser("report", formatter_class=_Formatter,
                          help="tables (markdown) and figures (PNG) from a results directory",
@@ -236,7 +356,7 @@ def _spec_kw(args: argparse.Namespace, problem: Any) -> dict[str, Any]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .. import distributed
+    from . import launch
     from .problems import get_problem
     from .runner import make_spec, resolve_hps, run
 
@@ -244,8 +364,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     hps = resolve_hps(problem, args.method, _overrides(args))
     kw = _spec_kw(args, problem)
     # under torchrun (WORLD_SIZE > 1): process group from the environment, rank 0 reports
-    with distributed.launch(kw["device"]) as world:
-        if distributed.is_main_process():
+    with launch.launch(kw["device"]) as world:
+        if launch.is_main_process():
             print(f"{problem.name} / {args.method}: {hps}; "
                   + (f"{kw['time_budget']:g} s process time" if kw["time_budget"] is not None
                      else f"{kw['epochs']:g} epochs, lr decay {kw['lr_decay']}")
@@ -260,7 +380,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_grid(args: argparse.Namespace) -> int:
     from .grid import grid_points, grid_specs, run_grid
     from .problems import get_problem
-    from .report import _hp_string
+    from .spec import format_hps
 
     problem = get_problem(args.problem)
     overrides = {name: (v if v is None or isinstance(v, list) else [v])
@@ -276,9 +396,9 @@ def cmd_grid(args: argparse.Namespace) -> int:
     for g in sorted(groups, key=lambda g: -g.score()):
         s = g.score()
         val = (100 * s if problem.classifier else -s) if math.isfinite(s) else math.nan
-        print(f"  {crit} {val:10.4f}  {_hp_string(g.hps)}" + ("   <- best" if g is best else ""))
+        print(f"  {crit} {val:10.4f}  {format_hps(g.hps)}" + ("   <- best" if g is best else ""))
     print(f"best ({'largest' if problem.classifier else 'smallest'} {crit}): "
-          f"{_hp_string(best.hps)}")
+          f"{format_hps(best.hps)}")
     return 0
 
 
@@ -287,6 +407,16 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     out = write_report(args.dir, out=args.out, figures_dir=args.figures_dir, title=args.title)
     print(f"wrote {out}")
+    return 0
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from .reproduce import reproduce
+
+    reproduce(args.out, problems=args.problems, methods=args.methods, seeds=args.seeds,
+              budget_scale=args.budget_scale, data_dir=args.data_dir,
+              device=_device(args.device), threads=args.threads, subset=args.subset,
+              checkpoint_every=args.checkpoint_every, progress=not args.no_progress)
     return 0
 
 
@@ -316,14 +446,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .problems import METHOD_TITLES, check_method, get_problem
     from .report import format_table, write_report
     from .runner import default_budget, make_spec, resolve_hps, run
+    from .spec import format_hps
 
     for m in args.methods:
         check_method(m)
     device = _device(args.device)
     out = Path(args.out)
-    problems = ["curves-ae"]
-    if args.fmnist:
-        problems.append("fmnist-ae")
+    problems = demo_problems(args.problems, args.fmnist, args.data_dir)
     n_runs = len(problems) * len(args.methods)
     print(f"kbfgs demo: {', '.join(problems)} x {', '.join(args.methods)}, "
           f"{args.time_budget:g} s of process time each ({n_runs} runs), device {device}, "
@@ -365,16 +494,55 @@ def cmd_demo(args: argparse.Namespace) -> int:
                          "diverged" if loss is None else f"{loss:.3f}",
                          str(f["iterations"]), f"{f['epochs']:.1f}",
                          f"{1e3 * f['time_per_iter_s']:.1f}" if f["time_per_iter_s"] else "",
-                         _hp_short(res["hps"])])
+                         format_hps(res["hps"], keys=_DEMO_HP_KEYS)])
         data_note = next(r["data"]["note"] for r in results if r["problem"] == pname)
         print(f"\n{pname} ({data_note}); final training loss on the full training set after "
               f"{args.time_budget:g} s of process time:\n")
         print(format_table(["method", "final training loss", "iterations", "epochs",
                             "process ms / iteration", "hyper-parameters"], rows))
+    if "kfac" in args.methods:
+        for pname in problems:
+            notes.append(_kfac_note(pname))
     for note in notes:
         print(f"note: {note}")
+    if notes:
+        with open(report, "a") as f:
+            f.write("\n## Notes\n\n" + "".join(f"- {n}\n" for n in notes))
     print(f"\nreport: {report} (figures in {out}); took {time.perf_counter() - t0:.0f} s")
     return 0
+
+
+def fashion_mnist_available(data_dir: str | None) -> bool:
+    """Whether Fashion-MNIST is found (in ``data_dir`` or Debian's
+    /usr/share/datasets/fashion-mnist); the loaded data stays cached for the runs."""
+    from .problems import get_problem
+    from .runner import load_problem_data
+
+    try:
+        load_problem_data(get_problem("fmnist-ae"), data_dir=data_dir)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def demo_problems(problems: Sequence[str] | None, both: bool, data_dir: str | None
+                  ) -> list[str]:
+    """The demo's problems: those given; with ``--fmnist`` CURVES and Fashion-MNIST; else
+    fmnist-ae when Fashion-MNIST is installed, the CURVES stand-in otherwise."""
+    if problems:
+        return list(dict.fromkeys(problems))
+    if both:
+        return ["curves-ae", "fmnist-ae"]
+    return ["fmnist-ae"] if fashion_mnist_available(data_dir) else ["curves-ae"]
+
+
+def _kfac_note(problem: str) -> str:
+    """What the demo says next to KFAC's line (docs/results.md, 'KFAC on the autoencoders')."""
+    return (f"{problem} KFAC: a flat start is Algorithm 5's fixed damping, not a defect: at "
+            "initialisation the factors of the first (encoder) layers are 10^2.5 to 10^5 times "
+            "below their damping terms (bench/kfac_plateau.py), so KFAC moves like momentum "
+            "SGD with step lr/damping until they grow; no fixed damping both leaves the "
+            "plateau fast and keeps the bottleneck stable (docs/results.md, 'KFAC plateau')")
 
 
 def _original_curves(problem: str, data_dir: str | None) -> bool:
@@ -386,25 +554,51 @@ def _original_curves(problem: str, data_dir: str | None) -> bool:
     return "original" in load_curves(data_dir, n_train=1, n_test=0).note
 
 
-def _hp_short(hps: dict[str, Any]) -> str:
-    keys = ("lr", "damping", "update_freq", "inv_freq")
-    return ", ".join(f"{k}={hps[k]:g}" for k in keys if k in hps)
+_COMMANDS = {"demo": cmd_demo, "run": cmd_run, "grid": cmd_grid, "reproduce": cmd_reproduce,
+             "report": cmd_report, "list": cmd_list}
 
 
-_COMMANDS = {"demo": cmd_demo, "run": cmd_run, "grid": cmd_grid, "report": cmd_report,
-             "list": cmd_list}
+def _dist_timeout_error() -> str | None:
+    """Why ``$KBFGS_DIST_TIMEOUT`` is unusable, or None (checked before any training starts)."""
+    from .launch import timeout_seconds
+    try:
+        value = timeout_seconds()
+    except (ValueError, OverflowError) as e:
+        text = str(e)
+        if "KBFGS_DIST_TIMEOUT" not in text:
+            text = (f"KBFGS_DIST_TIMEOUT must be a number of seconds > 0, got "
+                    f"{os.environ.get('KBFGS_DIST_TIMEOUT')!r} ({text})")
+        return text
+    if not math.isfinite(value):
+        return (f"KBFGS_DIST_TIMEOUT must be a finite number of seconds > 0, got "
+                f"{os.environ.get('KBFGS_DIST_TIMEOUT')!r}")
+    return None
+
+
+_TRAINING_COMMANDS = ("demo", "run", "grid", "reproduce")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``kbfgs`` command line; returns the exit status.
+
+    Bad arguments and bad input (a ValueError or OSError such as a missing file or an
+    unwritable ``--out``) end with one ``kbfgs: error: ...`` line on stderr and status 2,
+    never a traceback.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
+    if args.command in _TRAINING_COMMANDS:
+        why = _dist_timeout_error()
+        if why is not None:
+            print(f"kbfgs: error: {why}", file=sys.stderr)
+            return 2
     try:
         return _COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"kbfgs {args.command}: error: {e}", file=sys.stderr)
+    except (ValueError, OSError, OverflowError) as e:
+        print(f"kbfgs: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted (finished runs are saved; rerun the same command to resume)",

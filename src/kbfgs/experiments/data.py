@@ -9,6 +9,7 @@ to a built-in stand-in generator when ``digs3pts_1.mat`` is not available.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import math
 import pickle
 import struct
@@ -35,7 +36,9 @@ __all__ = [
     "ArrayData",
     "as_images",
     "augment_crop_flip",
+    "check_finite",
     "crop_flip",
+    "fingerprint",
     "generate_curves",
     "load_cifar",
     "load_curves",
@@ -66,6 +69,40 @@ class ArrayData:
     y_test: Tensor | None = None
     name: str = ""
     note: str = ""
+    #: where the data came from, without its directory (a file name, "stand-in generator
+    #: seed 0"): part of a run's data identity, with :func:`fingerprint`
+    source: str = ""
+
+
+def fingerprint(*tensors: Tensor | None, samples: int = 4096) -> str:
+    """A cheap fingerprint of data: shapes, dtypes and a hash of ``samples`` evenly spaced
+    elements of each tensor (16 hex digits). The same arrays give the same fingerprint
+    wherever their files lie; a different data set of the same shape almost surely not."""
+    h = hashlib.blake2b(digest_size=8)
+    for t in tensors:
+        if t is None:
+            h.update(b"none;")
+            continue
+        flat = t.detach().reshape(-1)
+        step = max(flat.numel() // samples, 1)
+        sample = flat[::step][:samples].to("cpu").contiguous()
+        h.update(f"{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_finite(x: Tensor, what: str) -> Tensor:
+    """``x`` itself when every value is finite; else a ValueError naming ``what`` (the file
+    and variable) and the first non-finite entry (row = sample, column = feature)."""
+    bad = ~torch.isfinite(x)
+    if bool(bad.any()):
+        first = tuple(int(i) for i in bad.nonzero()[0])
+        where = f"sample {first[0]}" + (f", feature {first[1]}" if len(first) == 2 else
+                                         f", index {first[1:]}" if len(first) > 2 else "")
+        raise ValueError(f"{what}: non-finite value {float(x[first])} at {where} "
+                         f"(index {first}; {int(bad.sum())} non-finite values in all); "
+                         "fix or replace the file")
+    return x
 
 
 # --------------------------------------------------------------------------------------------
@@ -206,6 +243,7 @@ def _load_idx_set(files: dict[str, Path], kind: str, directory: Path) -> ArrayDa
         y_test=arrays["y_test"].long(),
         name=kind,
         note=f"IDX files from {directory}",
+        source="IDX files",
     )
 
 
@@ -272,7 +310,7 @@ def _rows_of_width(a: np.ndarray, width: int, what: str, features_first: bool) -
                          f"found shape {a.shape}")
     if (features_first and a.shape[0] == width) or a.shape[1] != width:
         a = a.T
-    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+    return check_finite(torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)), what)
 
 
 def load_faces(data_dir: PathLike | None, n_train: int = FACES_N_TRAIN) -> ArrayData:
@@ -293,7 +331,8 @@ def load_faces(data_dir: PathLike | None, n_train: int = FACES_N_TRAIN) -> Array
     x = _rows_of_width(_read_mat(path, [key])[key], 625, f"{path.name}: {key}", True)
     x_test = x[n_train:].clone() if x.shape[0] > n_train else None
     return ArrayData(x_train=x[:n_train].clone(), x_test=x_test, name="faces",
-                     note=f"{path}, first {n_train} rows as training set")
+                     note=f"{path}, first {n_train} rows as training set",
+                     source=f"{filename} (first {n_train} rows as training set)")
 
 
 def load_curves(data_dir: PathLike | None = None, seed: int = 0, n_train: int = 20_000,
@@ -308,12 +347,14 @@ def load_curves(data_dir: PathLike | None = None, seed: int = 0, n_train: int = 
         return ArrayData(x_train=_rows_of_width(mats["bdata"], 784, f"{path.name}: bdata", False),
                          x_test=_rows_of_width(mats["bdatatest"], 784,
                                                        f"{path.name}: bdatatest", False),
-                         name="curves", note=f"original CURVES file {path}")
+                         name="curves", note=f"original CURVES file {path}",
+                         source=path.name)
     x_train = generate_curves(n_train, seed)
     x_test = generate_curves(n_test, seed + 1_000_003) if n_test > 0 else None
     return ArrayData(x_train=x_train, x_test=x_test, name="curves",
                      note=("built-in stand-in generator (smooth curves through 3 random points, "
-                           f"seed {seed}), NOT the original CURVES file digs3pts_1.mat"))
+                           f"seed {seed}), NOT the original CURVES file digs3pts_1.mat"),
+                     source=f"stand-in generator seed {seed}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -469,7 +510,8 @@ def load_cifar(data_dir: PathLike, classes: int = 10, normalize: bool = True) ->
     x_test, y_test = _cifar_split(d, test_names, label_key, m, s)
     norm = f"normalised with mean {mean}, std {std}" if normalize else "in [0, 1]"
     return ArrayData(x_train, y_train, x_test, y_test, name=f"cifar{classes}",
-                     note=f"python batches from {d}, {norm}")
+                     note=f"python batches from {d}, {norm}",
+                     source=f"python batches, {'normalised' if normalize else 'in [0, 1]'}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,15 +10,25 @@ averaged over the seeds.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 from pathlib import Path
 from typing import Any, Callable
 
 from .problems import METHOD_HPS, Problem
-from .report import Group, group_results
-from .runner import RunSpec, make_spec, resolve_hps, run, write_json_atomic
+from .report import Group, group_results, result_problem
+from .runner import (
+    RunSpec,
+    make_method_optimizer,
+    make_spec,
+    resolve_hps,
+    result_path,
+    run,
+    write_json_atomic,
+)
+from .spec import format_hps
 
-__all__ = ["grid_points", "grid_specs", "run_grid"]
+__all__ = ["grid_points", "grid_specs", "refusal", "run_grid"]
 
 
 def grid_points(problem: Problem, method: str,
@@ -50,17 +60,60 @@ def grid_specs(problem: Problem, method: str, points: list[dict[str, Any]],
     return [make_spec(problem, method, hps, seed, **spec_kw) for hps in points for seed in seeds]
 
 
+def refusal(method: str, model: Any, hps: dict[str, Any]) -> str | None:
+    """Why ``method`` refuses ``hps`` on ``model`` (the ValueError of constructing its
+    optimizer, e.g. double damping needs lambda_G <= 1), or None when it accepts them."""
+    try:
+        make_method_optimizer(method, model, hps)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def _unusable_result(path: Path) -> str | None:
+    """Why the result file at ``path`` cannot count as finished, or None (also when absent)."""
+    if not path.exists():
+        return None
+    try:
+        res = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        return f"unreadable ({type(e).__name__}: {e})"
+    return result_problem(res)
+
+
 def run_grid(problem: Problem, method: str, specs: list[RunSpec], out_dir: str | os.PathLike,
              progress: bool = True, echo: Callable[[str], None] = print
              ) -> tuple[Group, list[Group], int]:
-    """Run (or skip when finished) every spec; return (best group, all groups, runs done)."""
+    """Run (or skip when finished) every spec; return (best group, all groups, runs done).
+
+    A setting the method refuses (a ValueError from constructing its optimizer) is skipped
+    with one line; a result file that is unreadable or incomplete counts as not finished and
+    its run is done again (the file is replaced).
+    """
     done = 0
     results = []
+    refused: dict[str, str | None] = {}
+    model = problem.build_model() if specs else None
     for i, spec in enumerate(specs, 1):
-        echo(f"[{i}/{len(specs)}] {method} {_hp_text(spec.hps)} seed {spec.seed}")
-        res, ran = run(spec, out_dir, progress=progress, echo=echo)
+        text = format_hps(spec.hps, keys=("lr", "damping", "weight_decay"), sep=" ")
+        key = json.dumps(spec.hps, sort_keys=True, default=str)
+        if key not in refused:
+            refused[key] = refusal(method, model, spec.hps)
+        if refused[key] is not None:
+            echo(f"[{i}/{len(specs)}] {method} {text} seed {spec.seed}: skipped, the method "
+                 f"refuses it: {refused[key]}")
+            continue
+        echo(f"[{i}/{len(specs)}] {method} {text} seed {spec.seed}")
+        path = result_path(out_dir, spec)
+        bad = _unusable_result(path)
+        if bad is not None:
+            echo(f"result file {path} is not a finished run ({bad}): running it again")
+        res, ran = run(spec, out_dir, progress=progress, echo=echo, force=bad is not None)
         done += int(ran)
         results.append(res)
+    if not results:
+        raise ValueError(f"{method} refuses every setting of the grid on {problem.name}: "
+                         "nothing to run")
     groups = group_results(results)[(problem.name, method)]
     best = max(groups, key=lambda g: g.score())
     summary = {
@@ -69,12 +122,9 @@ def run_grid(problem: Problem, method: str, specs: list[RunSpec], out_dir: str |
         "settings": [{"hps": g.hps, "score": g.score(),
                       "runs": [Path(r.get("_path", r["run_id"])).name for r in g.runs]}
                      for g in groups],
+        "refused": [{"hps": json.loads(k), "reason": why} for k, why in refused.items()
+                    if why is not None],
     }
     write_json_atomic(Path(out_dir) / "grids" / f"best__{problem.name}__{method}.json",
                       summary)
     return best, groups, done
-
-
-def _hp_text(hps: dict[str, Any]) -> str:
-    return " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
-                    for k, v in hps.items() if k in ("lr", "damping", "weight_decay"))

@@ -1,6 +1,9 @@
 """Tables and figures from a directory of result files (``kbfgs report DIR``).
 
-Tables like the paper's Tables 3, 4 and 7 (mean over seeds, +- std/sqrt(n)), the
+Tables like the paper's Tables 3, 4 and 7 (mean over seeds, +- std/sqrt(n); the Table 7
+layout with the improvement #1 / #2 columns when the ablation variants are present), a table
+of our values next to the paper's numbers where the paper has them (marked as the paper's, with
+its data set and budget beside ours), the
 hyper-parameters used (Tables 6 and 8), time per iteration, the grids when a directory holds
 several settings of one method, and PNG figures like Figures 1-7 (training loss, and validation
 error for classifiers, against epochs and against process time; mean over seeds with a shaded
@@ -12,21 +15,34 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
+from .paper_results import (
+    PAPER_MACHINE,
+    PAPER_SEEDS,
+    TABLE3_METHODS,
+    TABLE7_IMPROVEMENTS,
+    TABLE7_METHODS,
+    paper_budget,
+    paper_data,
+    paper_value,
+)
 from .problems import METHOD_TITLES, METHODS, PROBLEM_NAMES
+from .spec import format_hps
 
 __all__ = [
     "Group",
     "format_table",
     "group_results",
     "load_results",
+    "result_problem",
     "select_best",
     "summary_rows",
     "write_report",
@@ -38,24 +54,93 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 
 
-def load_results(directory: str | Path) -> list[dict[str, Any]]:
-    """Every finished result file under ``directory`` (recursively; hidden files skipped)."""
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def result_problem(res: Any) -> str | None:
+    """Why ``res`` (a parsed result file) is not a usable finished run, or None when it is.
+
+    Checks what the report and the grid read: the identity (``problem``, ``method``, an
+    integer ``seed``, ``hps`` and ``spec`` as objects), ``status == "finished"`` and the final
+    values with their types (``train_loss`` a number or null, ``iterations`` an integer, ...).
+    """
+    if not isinstance(res, dict):
+        return f"not a JSON object (a {type(res).__name__})"
+    if res.get("status") != "finished":
+        return f"status is {res.get('status')!r}, not 'finished'"
+    for key, typ, name in (("problem", str, "a string"), ("method", str, "a string"),
+                           ("hps", dict, "an object"), ("spec", dict, "an object"),
+                           ("final", dict, "an object")):
+        if key not in res:
+            return f"missing key {key!r}"
+        if not isinstance(res[key], typ):
+            return f"{key!r} is not {name}"
+    if not isinstance(res.get("seed"), int) or isinstance(res.get("seed"), bool):
+        return "missing key 'seed'" if "seed" not in res else "'seed' is not an integer"
+    final = res["final"]
+    for key in ("train_loss", "iterations", "epochs"):
+        if key not in final:
+            return f"missing key 'final.{key}'"
+    for key in ("train_loss", "val_acc", "time_per_iter_s", "epochs", "iterations"):
+        v = final.get(key)
+        if v is not None and not _is_number(v):
+            return f"'final.{key}' is not a number"
+    if not isinstance(final["iterations"], int) or isinstance(final["iterations"], bool):
+        return "'final.iterations' is not an integer"
+    if "diverged" in final and not isinstance(final["diverged"], bool):
+        return "'final.diverged' is not true or false"
+    for key in ("problem_info", "data", "env"):
+        if key in res and not isinstance(res[key], dict):
+            return f"{key!r} is not an object"
+    if "log" in res and not (isinstance(res["log"], list)
+                             and all(isinstance(e, dict) for e in res["log"])):
+        return "'log' is not a list of objects"
+    return None
+
+
+def _is_grid_summary(res: Any) -> bool:
+    """A ``grids/best__<problem>__<method>.json`` summary written by ``kbfgs grid``."""
+    return isinstance(res, dict) and "best_hps" in res and "settings" in res
+
+
+def _warn_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def load_results(directory: str | Path, warn: Callable[[str], None] | None = _warn_stderr
+                 ) -> list[dict[str, Any]]:
+    """Every finished result file under ``directory`` (recursively; hidden files skipped).
+
+    A file that cannot be used (unreadable, truncated JSON, missing keys, wrong types) is
+    skipped with one line through ``warn`` naming the file and the reason (``warn=None``:
+    silently); grid summaries (``grids/best__*.json``) are not result files and are skipped
+    without a word.
+    """
     out = []
-    for path in sorted(Path(directory).rglob("*.json")):
+    directory = Path(directory)
+    for path in sorted(directory.rglob("*.json")):
         if any(part.startswith(".") for part in path.relative_to(directory).parts):
             continue
         try:
             res = json.loads(path.read_text())
-        except (OSError, ValueError):
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            reason: str | None = f"unreadable ({type(e).__name__}: {e})"
+        else:
+            if _is_grid_summary(res):
+                continue
+            reason = result_problem(res)
+        if reason is not None:
+            if warn is not None:
+                warn(f"kbfgs report: warning: skipped {path}: {reason}")
             continue
-        if isinstance(res, dict) and res.get("status") == "finished" and "final" in res:
-            res["_path"] = str(path)
-            out.append(res)
+        res["_path"] = str(path)
+        out.append(res)
     return out
 
 
 def _config_key(res: dict[str, Any]) -> str:
-    from .runner import NON_KEY_FIELDS
+    from .spec import NON_KEY_FIELDS
 
     spec = dict(res.get("spec", {}))
     for k in ("seed", *NON_KEY_FIELDS):
@@ -112,9 +197,11 @@ class Group:
 
     def budget(self) -> str:
         spec = self.runs[0].get("spec", {})
-        if spec.get("time_budget") is not None:
+        if _is_number(spec.get("time_budget")):
             return f"{spec['time_budget']:g} s process time"
-        return f"{spec.get('epochs', 0):g} epochs"
+        if _is_number(spec.get("epochs")):
+            return f"{spec['epochs']:g} epochs"
+        return "unknown budget"
 
 
 def group_results(results: Iterable[dict[str, Any]]) -> dict[tuple[str, str], list[Group]]:
@@ -165,19 +252,6 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-def _fmt_hp(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:g}"
-    return str(v)
-
-
-def _hp_string(hps: dict[str, Any]) -> str:
-    order = ("lr", "damping", "weight_decay", "update_freq", "history", "stat_freq",
-             "inv_freq", "momentum", "likelihood")
-    keys = [k for k in order if k in hps] + sorted(set(hps) - set(order))
-    return ", ".join(f"{k}={_fmt_hp(hps[k])}" for k in keys)
-
-
 def summary_rows(best: dict[tuple[str, str], Group], problem: str) -> list[list[str]]:
     """One row per method of ``problem``: final loss, accuracy, iterations, time per iteration."""
     rows = []
@@ -211,16 +285,22 @@ def _main_tables(best: dict[tuple[str, str], Group]) -> list[str]:
     cnn = [p for p in problems if p not in ae]
     if ae:
         methods = _order({m for p, m in best if p in ae}, METHODS)
+        ablation = any(m in _ABLATIONS for m in methods)
         rows = []
         for m in methods:
+            if ablation and m in _ABLATIONS:
+                continue  # in the Table 7 layout below
             row = [METHOD_TITLES.get(m, m)]
             for p in ae:
                 g = best.get((p, m))
                 row.append(_cell(*g.stat("train_loss")) if g else "")
             rows.append(row)
-        out.append("### Training loss (Table 3 / Table 7 style)\n\n"
-                   "Final training loss, mean over seeds \u00b1 std/sqrt(n).\n\n"
-                   + format_table(["method"] + ae, rows))
+        if rows:
+            out.append("### Training loss (Table 3 style)\n\n"
+                       "Final training loss, mean over seeds \u00b1 std/sqrt(n).\n\n"
+                       + format_table(["method"] + ae, rows))
+        if ablation:
+            out.append(_table7(best, ae))
     if cnn:
         methods = _order({m for p, m in best if p in cnn}, METHODS)
         rows = []
@@ -236,6 +316,71 @@ def _main_tables(best: dict[tuple[str, str], Group]) -> list[str]:
     return out
 
 
+#: the Table 7 variants that only the ablation has
+_ABLATIONS = tuple(m for m in TABLE7_METHODS if m not in TABLE3_METHODS)
+
+
+def _yes_no(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+def _table7(best: dict[tuple[str, str], Group], ae: Sequence[str]) -> str:
+    """Table 7 layout: the K-BFGS variants with improvement #1 (D_P D_LM damping) and #2
+    (minibatch Hessian-action BFGS for H_A) on or off, one column per autoencoder."""
+    rows = []
+    for m in TABLE7_METHODS:
+        if not any((p, m) in best for p in ae):
+            continue
+        one, two = TABLE7_IMPROVEMENTS[m]
+        row = [METHOD_TITLES.get(m, m), _yes_no(one), _yes_no(two)]
+        for p in ae:
+            g = best.get((p, m))
+            row.append(_cell(*g.stat("train_loss")) if g else "")
+        rows.append(row)
+    return ("### Ablation (Table 7 layout)\n\n"
+            "Final training loss, mean over seeds \u00b1 std/sqrt(n). Improvement #1: the "
+            "D_P D_LM damping of H_G (Section 3.2.1; off: double damping); improvement #2: the "
+            "minibatch Hessian-action BFGS update of H_A (off: a moving-average A).\n\n"
+            + format_table(["name of algorithm", "improvement #1", "improvement #2", *ae],
+                           rows))
+
+
+def _escape(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _paper_comparison(best: dict[tuple[str, str], Group]) -> str | None:
+    """Our value next to the paper's (Tables 3, 4, 7), with both data sets and budgets."""
+    rows = []
+    for p in _order({p for p, _ in best}, PROBLEM_NAMES):
+        for m in _order((m for q, m in best if q == p), METHODS):
+            ref = paper_value(p, m)
+            if ref is None:
+                continue
+            g = best[(p, m)]
+            if ref.metric == "val_acc":
+                ours = _cell(*g.stat("val_acc", 100.0))
+                metric = "val. accuracy (%)"
+            else:
+                ours = _cell(*g.stat("train_loss"))
+                metric = "training loss"
+            data = g.runs[0].get("data", {}).get("note", "")
+            rows.append([p, METHOD_TITLES.get(m, m), metric, ours, str(len(g.runs)),
+                         _escape(data), _escape(g.budget()),
+                         f"{ref.value:.2f} ({ref.table})", _escape(paper_data(p)),
+                         _escape(paper_budget(p, m))])
+    if not rows:
+        return None
+    return ("### Compared with the paper\n\n"
+            "Ours: measured here (mean over our seeds \u00b1 std/sqrt(n)). **Paper**: the "
+            f"values the paper reports (its Tables 3, 4 and 7: mean over {PAPER_SEEDS} seeds "
+            f"on {PAPER_MACHINE}), copied from the paper, not measured here. Compare only "
+            "where the data set and the budget agree.\n\n"
+            + format_table(["problem", "method", "metric", "ours", "our seeds", "our data",
+                            "our budget", "paper's value", "paper's data", "paper's budget"],
+                           rows))
+
+
 def _conditions(results: list[dict[str, Any]]) -> str:
     envs = defaultdict(set)
     for r in results:
@@ -245,7 +390,7 @@ def _conditions(results: list[dict[str, Any]]) -> str:
         envs["kbfgs"].add(str(e.get("kbfgs")))
         envs["torch threads"].add(str(e.get("torch_threads")))
         envs["CPU cores"].add(str(e.get("cpu_count")))
-        git = e.get("git", {}) or {}
+        git = e.get("git") if isinstance(e.get("git"), dict) else {}
         if git.get("commit"):
             envs["git commit"].add(git["commit"][:12] + (" (dirty)" if git.get("dirty") else ""))
         envs["host"].add(str(e.get("host")))
@@ -279,7 +424,7 @@ def _problem_section(problem: str, groups: dict[tuple[str, str], list[Group]],
         n_settings = len(groups[(problem, m)])
         if n_settings > 1:
             note = (note + "; " if note else "") + f"best of {n_settings} settings"
-        rows.append([METHOD_TITLES.get(m, m), _hp_string(g.hps), note])
+        rows.append([METHOD_TITLES.get(m, m), format_hps(g.hps), note])
     parts.append("\nHyper-parameters (Table 6 / Table 8 style):\n\n"
                  + format_table(["method", "hyper-parameters", "note"], rows))
     # grids
@@ -292,7 +437,7 @@ def _problem_section(problem: str, groups: dict[tuple[str, str], list[Group]],
         for g in sorted(gs, key=lambda g: -g.score()):
             metric = (_cell(*g.stat("val_acc", 100.0)) if classifier
                       else _cell(*g.stat("train_loss"), digits=3))
-            rows.append([_hp_string(g.hps), g.budget(), metric, str(len(g.runs)),
+            rows.append([format_hps(g.hps), g.budget(), metric, str(len(g.runs)),
                          "best" if g is b else ""])
         parts.append(f"\nGrid for {METHOD_TITLES.get(m, m)} ({len(gs)} settings):\n\n"
                      + format_table(["hyper-parameters", "budget",
@@ -315,8 +460,10 @@ def _curve(run: dict[str, Any], x_key: str, y_key: str, scale: float = 1.0,
         if y_key not in e:  # an entry without evaluation
             continue
         y = e[y_key]
-        if y is None or not math.isfinite(float(y)):  # diverged from here on
+        if y is None or (_is_number(y) and not math.isfinite(float(y))):  # diverged from here
             break
+        if not _is_number(y) or not _is_number(e.get(x_key)):  # a malformed entry
+            continue
         y = float(y) * scale
         if transform == "error":
             y = 100.0 - y
@@ -389,7 +536,7 @@ def plot_problem(problem: str, best: dict[tuple[str, str], Group], path: str | P
 
     mine = {m: g for (p, m), g in best.items() if p == problem}
     classifier = any(g.classifier for g in mine.values())
-    rows = [("train_loss", 1.0, None, "training loss")]
+    rows: list[tuple[str, float, str | None, str]] = [("train_loss", 1.0, None, "training loss")]
     if classifier:
         rows.append(("val_acc", 100.0, "error", "validation error (%)"))
     fig, axes = plt.subplots(len(rows), 2, figsize=(11, 4 * len(rows)), squeeze=False)
@@ -451,6 +598,9 @@ def write_report(directory: str | Path, out: str | Path | None = None,
               "criterion is shown.\n"),
              _conditions(results) + "\n"]
     parts += _main_tables(best)
+    comparison = _paper_comparison(best)
+    if comparison is not None:
+        parts.append(comparison)
     for p in problems:
         fig_path = figures_dir / f"{p}.png"
         plot_problem(p, best, fig_path)
