@@ -6,15 +6,13 @@ repository root; this file is imported by path, it is not part of the ``kbfgs`` 
 
 from __future__ import annotations
 
-import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +34,7 @@ class ShapeProblem:
     likelihood: str  # KFAC's sampling distribution
 
     def build(self, quick: bool, device: torch.device, seed: int = 0,
-              batch: Optional[int] = None) -> tuple[Callable[[], nn.Module], Tensor, Tensor, Callable[[Tensor, Tensor], Tensor]]:
+              batch: int | None = None) -> tuple[Callable[[], nn.Module], Tensor, Tensor, Callable[[Tensor, Tensor], Tensor]]:
         """(model factory, inputs, targets, batch-mean loss) on ``device``."""
         from kbfgs.experiments import models
 
@@ -50,15 +48,15 @@ class ShapeProblem:
         elif self.name == "tiny-ae":  # smoke tests only
             x = torch.rand(m, 64, generator=g)
             y = x
-            factory = lambda: models.autoencoder((64, 32, 8, 32, 64))  # noqa: E731
+            factory = lambda: models.autoencoder((64, 32, 8, 32, 64))
             loss = bce_sum_mean
         elif self.name in ("resnet32", "vgg16"):
             x = torch.randn(m, 3, 32, 32, generator=g)
             y = torch.randint(0, 10, (m,), generator=g)
             if self.name == "resnet32":
-                factory = lambda: models.resnet32(3, 10)  # noqa: E731
+                factory = lambda: models.resnet32(3, 10)
             else:
-                factory = lambda: models.vgg16_bn(3, 10, 32)  # noqa: E731
+                factory = lambda: models.vgg16_bn(3, 10, 32)
             loss = F.cross_entropy
         else:  # pragma: no cover - guarded by PROBLEMS
             raise ValueError(self.name)
@@ -90,45 +88,54 @@ class Method:
     periods: tuple[int, ...]  # every update period (the window must be a multiple of each)
 
     def hps(self, family: str) -> dict[str, Any]:
-        """Hyper-parameters: the paper's values for the family (autoencoder: Table 6 / spec
-        section 7 Fashion-MNIST values; cnn: Table 8 ResNet32-CIFAR10), which keep every method
-        finite on the random data of the step-time benchmark (checked: no skipped step)."""
-        base = _HPS[family][self.name]
-        return {**base, **self.fixed}
+        """Hyper-parameters: the problems' defaults for the family (autoencoder: ``fmnist-ae``'s,
+        i.e. Table 6 MNIST with the Fashion-MNIST changes; cnn: ``resnet32-cifar10``'s, Table 8),
+        which keep every method finite on the random data of the step-time benchmark (checked:
+        no skipped step), with this configuration's update frequencies on top."""
+        return {**family_hps(family)[self.name], **self.fixed}
 
 
-_HPS: dict[str, dict[str, dict[str, Any]]] = {
-    # Autoencoder (the fmnist-ae values of kbfgs.experiments.problems; Table 6 MNIST otherwise)
-    "ae": {
-        "sgd-m": dict(lr=0.001),
-        "adam": dict(lr=1e-4, damping=1e-4),
-        "kbfgs": dict(lr=0.03, damping=1.0),
-        "kbfgs-l": dict(lr=0.03, damping=1.0),
-        "kbfgs-20": dict(lr=0.01, damping=0.3),
-        "kfac": dict(lr=0.3, damping=10.0, likelihood="bernoulli"),
-    },
-    # CNN (Table 8, ResNet32 CIFAR-10: lr, weight decay, damping; kbfgs-20 is not in Table 8)
-    "cnn": {
-        "sgd-m": dict(lr=0.03, weight_decay=0.01),
-        "adam": dict(lr=0.003, weight_decay=0.1, damping=0.01),
-        "kbfgs": dict(lr=100.0, weight_decay=1e-5, damping=1e3),
-        "kbfgs-l": dict(lr=1e3, weight_decay=1e-6, damping=1e4),
-        # double damping needs lambda_G = sqrt(damping) <= 1: K-BFGS's 1e3 is not allowed
-        "kbfgs-20": dict(lr=0.1, weight_decay=1e-5, damping=1.0),
-        "kfac": dict(lr=0.01, weight_decay=0.1, damping=0.01, likelihood="categorical"),
-    },
+#: family -> the problem whose defaults the benchmarks use (kbfgs.experiments.problems, which
+#: reads the paper's Tables 6 and 8 from kbfgs.experiments.paper)
+FAMILY_PROBLEM = {"ae": "fmnist-ae", "cnn": "resnet32-cifar10"}
+#: the keys taken from a problem's defaults (momentum 0.9 and the update frequencies are the
+#: optimizers' defaults or each configuration's ``fixed``)
+_HP_KEYS = ("lr", "damping", "weight_decay", "likelihood")
+#: methods without a value in the paper's table for the family
+_EXTRA_HPS: dict[str, dict[str, dict[str, Any]]] = {
+    # kbfgs-20 is not in Table 8; double damping needs lambda_G = sqrt(damping) <= 1: K-BFGS's
+    # 1e3 is not allowed
+    "cnn": {"kbfgs-20": {"lr": 0.1, "weight_decay": 1e-5, "damping": 1.0}},
 }
+
+
+def family_hps(family: str) -> dict[str, dict[str, Any]]:
+    """make_optimizer name -> hyper-parameters of the benchmarks' ``family`` ("ae", "cnn")."""
+    from kbfgs.experiments.problems import get_problem
+
+    problem = get_problem(FAMILY_PROBLEM[family])
+    out: dict[str, dict[str, Any]] = {}
+    for name in ("sgd-m", "adam", "kbfgs", "kbfgs-l", "kbfgs-20", "kfac"):
+        if name not in problem.hps:
+            continue
+        hp = {k: v for k, v in problem.defaults(name).items() if k in _HP_KEYS}
+        if hp.get("weight_decay") == 0.0:
+            del hp["weight_decay"]
+        out[name] = hp
+    out.update(_EXTRA_HPS.get(family, {}))
+    return out
+
 
 METHODS: dict[str, Method] = {m.label: m for m in [
     Method("sgd-m", "sgd-m", {}, (1,)),
     Method("adam", "adam", {}, (1,)),
-    Method("kbfgs(T=1)", "kbfgs", dict(update_freq=1), (1,)),
-    Method("kbfgs(T=20)", "kbfgs", dict(update_freq=20), (20,)),
-    Method("kbfgs-l(T=20)", "kbfgs-l", dict(update_freq=20, history=100), (20,)),
-    Method("kbfgs-l(T=1)", "kbfgs-l", dict(update_freq=1, history=100), (1,)),
-    Method("kbfgs-20(T=1)", "kbfgs-20", dict(update_freq=1), (1,)),
-    Method("kfac(1,20)", "kfac", dict(stat_freq=1, inv_freq=20), (1, 20)),
-    Method("kfac(10,100)", "kfac", dict(stat_freq=10, inv_freq=100), (10, 100)),
+    Method("kbfgs(T=1)", "kbfgs", {"update_freq": 1}, (1,)),
+    Method("kbfgs(T=20)", "kbfgs", {"update_freq": 20}, (20,)),
+    Method("kbfgs-l(T=20)", "kbfgs-l", {"update_freq": 20, "history": 100}, (20,)),
+    Method("kbfgs-l(T=1)", "kbfgs-l", {"update_freq": 1, "history": 100}, (1,)),
+    Method("kbfgs-20(T=1)", "kbfgs-20", {"update_freq": 1}, (1,)),
+    Method("kfac(1,20)", "kfac", {"stat_freq": 1, "inv_freq": 20}, (1, 20)),
+    Method("kfac(10,100)", "kfac", {"stat_freq": 10, "inv_freq": 100}, (10, 100)),
 ]}
 #: short command-line aliases
 ALIASES = {
@@ -170,7 +177,7 @@ def family(problem: str) -> str:
 
 
 def make_closure(opt: torch.optim.Optimizer, model: nn.Module, x: Tensor, y: Tensor,
-                 loss_fn: Callable[[Tensor, Tensor], Tensor], timer: Optional[list] = None
+                 loss_fn: Callable[[Tensor, Tensor], Tensor], timer: list | None = None
                  ) -> Callable[[], Tensor]:
     """The closure every optimizer of the package takes; ``timer`` (a one-element list)
     accumulates the host seconds spent inside it."""
@@ -245,7 +252,7 @@ def spread(values: list[float]) -> dict[str, float]:
             "n": len(v)}
 
 
-def loadavg() -> Optional[list[float]]:
+def loadavg() -> list[float] | None:
     try:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
@@ -253,25 +260,18 @@ def loadavg() -> Optional[list[float]]:
 
 
 def git_commit() -> dict[str, Any]:
-    def run(*args: str) -> Optional[str]:
-        try:
-            r = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
-                               timeout=10)
-            return r.stdout.strip() if r.returncode == 0 else None
-        except (OSError, subprocess.SubprocessError):
-            return None
+    """Commit of this checkout and the changes under src/ (kbfgs.experiments.results)."""
+    from kbfgs.experiments.results import git_info
 
-    status = run("status", "--porcelain", "--untracked-files=no", "--", "src")
-    return {"commit": run("rev-parse", "HEAD"),
-            "src_dirty": None if status is None else bool(status),
-            "src_changes": None if not status else status.splitlines()}
+    info = git_info(ROOT, pathspec="src", changes=True)
+    return {"commit": info["commit"], "src_dirty": info.get("dirty"),
+            "src_changes": info.get("changes")}
 
 
 def environment(device: torch.device) -> dict[str, Any]:
     env: dict[str, Any] = {
         "device": str(device),
-        "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
-                        else _cpu_name()),
+        "device_name": _device_name(device),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
@@ -284,24 +284,17 @@ def environment(device: torch.device) -> dict[str, Any]:
     return env
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+def _device_name(device: torch.device) -> str:
+    from kbfgs.experiments.results import device_name
+
+    return device_name(device)
 
 
 def json_safe(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    return obj
+    """Non-finite floats as None, tensors as lists (kbfgs.experiments.results.json_safe)."""
+    from kbfgs.experiments.results import json_safe as safe
+
+    return safe(obj)
 
 
 def sync(device: torch.device) -> None:
@@ -360,7 +353,7 @@ def pyspy_summary(path: str, top: int = 25, focus: str = "") -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
-def _fmt_spread(r: Optional[dict], digits: int = 2) -> str:
+def _fmt_spread(r: dict | None, digits: int = 2) -> str:
     if not r:
         return "-"
     return f"{r['median']:.{digits}f} [{r['min']:.{digits}f}-{r['max']:.{digits}f}]"
@@ -373,15 +366,15 @@ def markdown_step_time(path: str) -> str:
     env = res["environment"]
     mem = res.get("peak_memory", {})
     lines = [
-        f"`{Path(path).name}`: {res['problem']}, batch {res['batch']}, "
+        (f"`{Path(path).name}`: {res['problem']}, batch {res['batch']}, "
         f"{'quick, ' if res['quick'] else ''}{env['device_name']}, {env['threads']} thread(s), "
         f"torch {env['torch']}, commit {str(env['git']['commit'])[:10]}"
         f"{' + uncommitted src changes' if env['git'].get('src_dirty') else ''}, "
         f"load average {env['loadavg_start']} -> {env.get('loadavg_end')}; medians over "
-        f"{res['repeats']} interleaved windows of {res['window']} iterations.",
+        f"{res['repeats']} interleaved windows of {res['window']} iterations."),
         "",
-        "| method | ms/it | / sgd-m, median [min-max] | fwd-bwd | extra pass | curvature "
-        "| precondition | other | state MiB (/ sgd-m) | peak MiB (/ sgd-m) |",
+        ("| method | ms/it | / sgd-m, median [min-max] | fwd-bwd | extra pass | curvature "
+        "| precondition | other | state MiB (/ sgd-m) | peak MiB (/ sgd-m) |"),
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for lab, v in res["summary"].items():
@@ -415,11 +408,11 @@ def markdown_time_to_loss(path: str) -> str:
     env = res["environment"]
     tg = res["targets"]
     lines = [
-        f"`{Path(path).name}`: {res['problem']} ({res['n_train']} images, batch {res['batch']}), "
+        (f"`{Path(path).name}`: {res['problem']} ({res['n_train']} images, batch {res['batch']}), "
         f"budget {res['budget_process_s']:g} process-seconds per method, {env['threads']} "
         f"thread(s), commit {str(env['git']['commit'])[:10]}, load average "
         f"{env['loadavg_start']} -> {env.get('loadavg_end')}; loss evaluated on "
-        f"{res['eval_size']} training images every {res['chunk']} iterations.",
+        f"{res['eval_size']} training images every {res['chunk']} iterations."),
         "",
         "| method | hyper-parameters | " + " | ".join(f"<= {t:g}" for t in tg)
         + " | final loss | iterations | process ms/it |",

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kbfgs
-from kbfgs.optim.factory import OPTIMIZER_NAMES, PAPER_HPS, describe, valid_hps
+from kbfgs.optim.factory import OPTIMIZER_NAMES, PEER_NAMES, describe, title, valid_hps
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -71,18 +71,26 @@ TRAIN_HPS = {
     "kfac": {"lr": 0.1, "damping": 0.3},
     "adam": {"lr": 0.01, "damping": 1e-8},
     "sgd-m": {"lr": 0.1},
+    "muon": {"lr": 0.02},
+    "soap": {"lr": 0.01},
+    "shampoo": {"lr": 1e-3},
 }
 
 
 def test_names_are_the_documented_ones():
     assert set(OPTIMIZER_NAMES) == set(TRAIN_HPS)
-    for name in ("kbfgs", "kbfgs-l", "kbfgs-20", "kbfgs-l-20", "kfac", "adam", "sgd-m"):
+    for name in ("kbfgs", "kbfgs-l", "kbfgs-20", "kbfgs-l-20", "kfac", "adam", "sgd-m", "muon",
+                 "soap", "shampoo"):
         assert name in OPTIMIZER_NAMES
         assert isinstance(describe(name), str) and describe(name)
+        assert isinstance(title(name), str) and title(name)
+    assert PEER_NAMES == ("muon", "soap", "shampoo")
 
 
 @pytest.mark.parametrize("name", sorted(TRAIN_HPS))
 def test_every_method_trains_a_small_cnn_with_batchnorm(name):
+    if name in ("soap", "shampoo"):
+        pytest.importorskip("pytorch_optimizer")
     model = make_cnn()
     x, y = fixed_batch()
     opt = kbfgs.make_optimizer(name, model, **TRAIN_HPS[name])
@@ -259,9 +267,15 @@ def test_first_order_non_finite_step_is_skipped_and_resume_is_exact(name, hp):
         assert torch.equal(p, q)
 
 
-def test_paper_hyperparameters_build():
+def test_every_problem_default_builds():
+    """Every problem's default hyper-parameters (Tables 6 and 8 through
+    kbfgs.experiments.paper, the Fashion-MNIST values, the peers' grid values) build."""
+    from kbfgs.experiments.problems import METHOD_FACTORY, problems
+
     model = make_cnn()
-    for problem, table in PAPER_HPS.items():
-        for label, (name, hp) in table.items():
-            opt = kbfgs.make_optimizer(name, model, **hp)
-            assert opt.param_groups[0]["lr"] == hp["lr"], (problem, label)
+    for problem in problems():
+        for method, hp in problem.hps.items():
+            if METHOD_FACTORY[method] in ("soap", "shampoo"):
+                pytest.importorskip("pytorch_optimizer")
+            opt = kbfgs.make_optimizer(METHOD_FACTORY[method], model, **hp)
+            assert opt.param_groups[0]["lr"] == hp["lr"], (problem.name, method)

@@ -315,7 +315,8 @@ def test_sum_reduction_gives_the_same_factors():
     sts = []
     for red in ("mean", "sum"):
         model = make_model("mlp")
-        opt = kbfgs.KFAC(model, lr=0.0, damping=1.0, inv_freq=1, loss_reduction=red)
+        opt = kbfgs.KFAC(model, lr=0.1, damping=1.0, inv_freq=1, loss_reduction=red)
+        opt.param_groups[0]["lr"] = 0.0  # no move (lr = 0 is refused at construction only)
         opt.step(make_closure(opt, model, x, y, loss_fn("categorical", red)))
         sts.append({n: st.to_state_dict() for n, st in opt.layer_state.items()})
     for name in sts[0]:
@@ -739,3 +740,18 @@ def test_factor_pass_on_a_nan_output_skips_the_factors(likelihood):
     st = opt.stats()
     assert all(layer["skipped_stats"] == 1 for layer in st["layers"].values()), st
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ["stat_freq", "inv_freq"])
+@pytest.mark.parametrize("value", [0, -1, 1.5, float("inf"), float("nan"), "3", True, None])
+def test_bad_stat_or_inv_freq_is_a_value_error_naming_it(name, value):
+    # issue 11, item 12: not an OverflowError / TypeError from int()
+    with pytest.raises(ValueError, match=re.escape(name)):
+        kbfgs.KFAC(make_model("mlp"), lr=0.1, damping=1.0, **{name: value})
+
+
+@pytest.mark.parametrize("value", [3, 3.0])
+def test_integral_stat_and_inv_freq_are_accepted(value):
+    opt = kbfgs.KFAC(make_model("mlp"), lr=0.1, damping=1.0, stat_freq=value, inv_freq=value)
+    assert opt.stat_freq == 3 and opt.inv_freq == 3
+    assert isinstance(opt.stat_freq, int) and isinstance(opt.inv_freq, int)

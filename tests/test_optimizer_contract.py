@@ -137,7 +137,8 @@ def test_invalid_hyperparameters_raise_value_error(name, value):
 
 
 def test_valid_hyperparameters_accepted():
-    kbfgs.KBFGS(make_mlp(), lr=0.0, damping=1e-6, momentum=0.0, update_freq=1, history=1,
+    # lr must be > 0 at construction (issue 11, item 12); lr = 0 set later is accepted
+    kbfgs.KBFGS(make_mlp(), lr=1e-12, damping=1e-6, momentum=0.0, update_freq=1, history=1,
                 weight_decay=0.0)
 
 

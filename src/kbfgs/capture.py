@@ -3,8 +3,15 @@
 Hooks are registered only for the duration of a recording pass and removed afterwards, so
 iterations without a curvature update run with no hook at all. Inside a pass the forward hook
 reduces the layer input and output at once and a tensor hook on the output reduces its
-gradient; no activation tensor is kept beyond the hook (except the layer input of distributed
-K-BFGS until the model's forward pass ends, see :meth:`Capture.kbfgs_pre`).
+gradient; no activation tensor is kept beyond the hook except K-BFGS's layer inputs until the
+closure returns (``A s_A`` needs the ``a_bar`` of the whole batch, see :meth:`Capture.kbfgs_pre`).
+Curvature is computed with autocast off (float32, float64 for float64 weights).
+
+A closure that accumulates gradients over micro-batches (``for xm, ym in chunks:
+loss_fn(model(xm), ym).backward()``) calls each module once per micro-batch, each call's backward
+before the next forward; :meth:`Capture._begin_call` tells this apart from reuse inside one
+forward pass and the recordings combine the micro-batches as samples (:func:`merge_mean`,
+:func:`merge_output_grad`).
 
 The recordings (each a context manager yielding ``{layer name: LayerRecord}``):
 
@@ -18,8 +25,9 @@ The recordings (each a context manager yielding ``{layer name: LayerRecord}``):
 =============================  ==============================================================
 
 Every recording counts calls per module so that a module used twice in one forward is
-detected. :meth:`Capture.model_call` records the arguments of the model's first call (KFAC
-replays them for its sampled-target pass).
+detected. :meth:`Capture.model_call` records the arguments of the model's call of each
+micro-batch (KFAC replays them for its sampled-target pass). Every recording runs
+``torch.compile``-d code eagerly (:func:`eager`), so hooks never enter a compiled graph.
 """
 
 from __future__ import annotations
@@ -36,7 +44,8 @@ from torch import Tensor, nn
 from . import distributed
 from .layers import KroneckerHelper
 
-__all__ = ["Capture", "KroneckerLayer", "LayerRecord", "reduce_kbfgs_records"]
+__all__ = ["Capture", "KroneckerLayer", "LayerRecord", "autocast_off", "merge_mean",
+           "merge_output_grad", "no_autocast", "reduce_kbfgs_records"]
 
 #: ``s_A_fn(layer, record)``: ``s_A = H_A a_bar`` of a layer (``None``: form no ``A s_A``)
 SAFn = Callable[["KroneckerLayer", "LayerRecord"], "Tensor | None"]
@@ -63,37 +72,85 @@ class LayerRecord:
     ``A_s`` are ``(cols,)``, ``A`` is ``(cols, cols)``, ``h_bar`` and ``Dh_bar`` are ``(rows,)``
     and ``G`` is ``(rows, rows)``."""
 
+    #: the most calls of the module inside one forward pass (more than 1: reuse)
     calls: int = 0
+    #: samples recorded, summed over the micro-batches
     batch: int = 0
     locations: int = 0
+    #: micro-batches recorded (a closure that accumulates gradients over several forward and
+    #: backward passes, see :meth:`Capture._begin_call`)
+    chunks: int = 0
     a_bar: Tensor | None = None
     s_A: Tensor | None = None
     A_s: Tensor | None = None
     A: Tensor | None = None
     h_bar: Tensor | None = None
     Dh_bar: Tensor | None = None
+    #: ``E_n[mean_t |Dh_t(n)|]`` summed over the outputs: the scale against which ``Dh_bar``
+    #: is at rounding level (a conv followed by BatchNorm)
+    Dh_scale: Tensor | None = None
     G: Tensor | None = None
-    #: the layer input, kept from the hook until ``A s_A`` is formed (distributed K-BFGS only)
-    pending_x: Tensor | None = None
+    #: the layer inputs of the micro-batches, kept until ``A s_A`` is formed (K-BFGS)
+    inputs: list[Tensor] = field(default_factory=list)
+    #: ``A`` of the micro-batches whose inputs were folded into it (K-BFGS, micro-batches whose
+    #: inputs would take more memory than ``A``)
+    A_fold: Tensor | None = None
     #: the zero scalar added to the output in a KFAC pass (dropped at the end of the pass)
     dummy: Tensor | None = None
+    #: calls of the module in the current micro-batch
+    chunk_calls: int = 0
+    #: the gradient of the last recorded call's output arrived (its backward ran)
+    grad_arrived: bool = False
+    #: samples of the micro-batches whose ``Dh_bar`` (``G``) arrived
+    grad_batch: int = 0
+
+
+def merge_mean(acc: Tensor | None, n_acc: int, new: Tensor, n_new: int) -> Tensor:
+    """``(n_acc acc + n_new new) / (n_acc + n_new)``: two sample averages (``a_bar``, ``h_bar``,
+    ``A``, Omega) of micro-batches of ``n_acc`` and ``n_new`` samples as one average (``new``
+    itself when nothing is accumulated yet)."""
+    if acc is None or n_acc == 0:
+        return new
+    n = n_acc + n_new
+    return acc * (n_acc / n) + new * (n_new / n)
+
+
+def merge_output_grad(acc: Tensor | None, n_acc: int, new: Tensor, n_new: int,
+                      reduction: str, gram: bool = False) -> Tensor:
+    """``Dh_bar`` (``gram=False``) or KFAC's Gamma (``gram=True``) of micro-batches of ``n_acc``
+    and ``n_new`` samples, each computed with its own batch size from ``g = dL/dh`` of the loss
+    the closure back-propagates (each micro-batch's share of the batch loss).
+
+    ``Dh(n) = m dL/dh(n)`` (``"mean"``) or ``dL/dh(n)`` (``"sum"``) with ``m`` the whole batch.
+    ``"mean"``: ``Dh_bar`` does not depend on ``m`` and the micro-batch values add; Gamma scales
+    with ``m``: ``(n/n_acc) acc + (n/n_new) new``. ``"sum"``: both are sample averages
+    (:func:`merge_mean`)."""
+    if acc is None or n_acc == 0:
+        return new
+    if reduction == "sum":
+        return merge_mean(acc, n_acc, new, n_new)
+    if not gram:
+        return acc + new
+    n = n_acc + n_new
+    return acc * (n / n_acc) + new * (n / n_new)
 
 
 def reduce_kbfgs_records(pre: dict[str, LayerRecord], post: dict[str, LayerRecord],
                          group: Any) -> int:
     """Average the vectors of a K-BFGS curvature update over ``group`` with one flat all-reduce
-    (per dtype): ``A s_A``, ``h_bar``, ``Dh_bar`` (and the explicit ``A`` of the 2020 variants)
-    of the pass before the step, ``h_bar+``, ``Dh_bar+`` of the extra pass. ``a_bar`` and
+    (per dtype): ``A s_A``, ``h_bar``, ``Dh_bar``, ``Dh_scale`` (and the explicit ``A`` of the
+    2020 variants) of the pass before the step, ``h_bar+``, ``Dh_bar+``, ``Dh_scale`` of the
+    extra pass (every rank then takes the same rounding-level decision). ``a_bar`` and
     ``s_A`` are already global (:meth:`Capture.kbfgs_pre`). Returns the number of collectives
     (0 without a group)."""
     if group is None:
         return 0
     tensors: list[Tensor | None] = []
     for name, r0 in pre.items():
-        tensors += [r0.A_s, r0.h_bar, r0.Dh_bar, r0.A]
+        tensors += [r0.A_s, r0.h_bar, r0.Dh_bar, r0.Dh_scale, r0.A]
         r1 = post.get(name)
         if r1 is not None:
-            tensors += [r1.h_bar, r1.Dh_bar]
+            tensors += [r1.h_bar, r1.Dh_bar, r1.Dh_scale]
     return distributed.all_reduce_flat(tensors, group)
 
 
@@ -127,40 +184,25 @@ class Capture:
         """K-BFGS's pass before the step: ``a_bar``, ``s_A = s_A_fn(layer, rec)``, ``A s_A``,
         ``h_bar``, ``Dh_bar`` (and the minibatch ``A`` when ``need_A``).
 
-        With a process ``group`` (data-parallel K-BFGS), ``A s_A`` must use the *global*
-        ``a_bar`` (averaging local ``A_r H_A a_bar_r`` over ranks is not the global quantity):
-        the layer hooks keep a reference to each layer's input (autograd holds it anyway for
-        the weight gradient); when ``root``'s forward pass ends, the ``a_bar`` of every layer
-        are averaged over ``group`` (one flat all-reduce), then ``s_A`` and ``A s_A`` are formed
-        and the references dropped. A layer called outside ``root``'s forward is finished when
-        the block ends."""
-        defer = group is not None
-        records: dict[str, LayerRecord] = {}
-
-        def finish() -> None:
-            pending = [layer for layer in self.layers
-                       if layer.name in records and records[layer.name].pending_x is not None]
-            if pending:
-                distributed.all_reduce_flat([records[ly.name].a_bar for ly in pending], group)
-                self._finish_A_s(pending, records, s_A_fn)
-
-        with self._pass(lambda layer, rec: self._pre_hook(layer, rec, s_A_fn, need_A, defer)
-                        ) as recs:
-            records = recs
-            handle = None
-            if defer:
-                if self.root is None:
-                    raise RuntimeError("Capture.kbfgs_pre with a process group needs `root`")
-                handle = self.root.register_forward_hook(lambda module, args, output: finish())
+        ``A s_A`` needs ``s_A = H_A a_bar`` with the ``a_bar`` of the *whole* batch: of every
+        micro-batch of a closure that accumulates gradients, and, with a process ``group``
+        (data-parallel K-BFGS), of every rank (averaging local ``A_r H_A a_bar_r`` is not the
+        global quantity). So the hooks keep a reference to each layer input (autograd holds it
+        anyway until that micro-batch's backward) and ``A s_A`` is formed when the block ends
+        (after the ``a_bar`` of every layer were averaged over ``group`` in one flat all-reduce):
+        ``A s_A = sum_j m_j A_j s_A / m`` over the micro-batches ``j`` of ``m_j`` samples. When
+        the kept inputs of a layer would hold more elements than its ``cols x cols`` matrix
+        ``A``, they are folded into the explicit ``A = sum_j m_j A_j / m`` (exact, formed from
+        the inputs in chunks) and ``A s_A`` is that matrix times ``s_A``: a layer holds at most
+        ``max(cols^2, one micro-batch input)`` elements beyond what autograd holds."""
+        with self._pass(lambda layer, rec: self._pre_hook(layer, rec, need_A)) as recs:
             try:
                 yield recs
-                if defer:
-                    finish()
+                self._finish_A_s(recs, s_A_fn, group)
             finally:
-                if handle is not None:
-                    handle.remove()
                 for r in recs.values():
-                    r.pending_x = None
+                    r.inputs = []
+                    r.A_fold = None
 
     def kbfgs_post(self) -> contextlib.AbstractContextManager[dict[str, LayerRecord]]:
         """K-BFGS's extra pass: ``h_bar+``, ``Dh_bar+``. No parameter requires grad there, so a
@@ -195,27 +237,43 @@ class Capture:
 
     @contextlib.contextmanager
     def model_call(self) -> Iterator[dict[str, Any]]:
-        """Records the first call of ``root`` in the block: ``call["args"]``, ``["kwargs"]``
-        (by reference), ``["autocast"]`` (the autocast settings in force, for
-        :func:`replay_autocast`) and ``["output"]`` (``None`` for a tensor output, else the
-        output's type name)."""
+        """Records the calls of ``root`` in the block: ``call["calls"]``, one ``(args, kwargs)``
+        (by reference) per micro-batch (a call of ``root`` after the gradient of the previous
+        recorded call's output arrived; further calls inside one forward pass are not
+        recorded), ``call["args"]``, ``["kwargs"]`` of the first, ``["autocast"]`` (the autocast
+        settings in force, for :func:`replay_autocast`) and ``["output"]`` (``None`` for a
+        tensor output, else the output's type name)."""
         if self.root is None:
             raise RuntimeError("Capture.model_call needs `root`")
-        call: dict[str, Any] = {}
+        call: dict[str, Any] = {"calls": []}
+        state = {"arrived": False, "open": False}
+
+        def arrived(g: Tensor) -> None:
+            state["arrived"] = True
 
         def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if call["calls"] and not state["arrived"]:
+                return
+            call["calls"].append((args, dict(kwargs)))
+            state["arrived"], state["open"] = False, True
             if "args" not in call:
                 call["args"], call["kwargs"] = args, dict(kwargs)
                 call["autocast"] = _autocast_state()
 
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            if not state["open"]:
+                return
+            state["open"] = False
             if "output" not in call:
                 call["output"] = None if isinstance(output, Tensor) else type(output).__name__
+            if isinstance(output, Tensor) and output.requires_grad:
+                output.register_hook(arrived)
 
         handles = (self.root.register_forward_pre_hook(pre_hook, with_kwargs=True),
                    self.root.register_forward_hook(hook))
         try:
-            yield call
+            with eager():
+                yield call
         finally:
             for h in handles:
                 h.remove()
@@ -230,26 +288,53 @@ class Capture:
             for layer in self.layers:
                 hook = make_hook(layer, records[layer.name])
                 handles.append(layer.module.register_forward_hook(hook))
-            yield records
+            with eager():
+                yield records
         finally:
             for h in handles:
                 h.remove()
 
     @staticmethod
-    def _first_call(helper: KroneckerHelper, rec: LayerRecord, x: Tensor, output: Tensor) -> bool:
-        """Count the call; on the first, note ``|T|`` and the batch size."""
-        rec.calls += 1
-        if rec.calls > 1:  # reuse: reported by the optimizer, nothing recorded
-            return False
+    def _begin_call(helper: KroneckerHelper, rec: LayerRecord, x: Tensor, output: Tensor) -> int:
+        """Count the call; return the number of samples it records, 0 for none.
+
+        A call opens a micro-batch when it is the module's first in the pass, or when the
+        gradient of the module's previous recorded call has arrived: that call's backward ran
+        before this forward (gradient accumulation inside the closure); the micro-batches are
+        then combined as samples. Otherwise the module is used again inside one forward pass
+        (``rec.calls > 1``, reported by the optimizer) and nothing is recorded."""
+        if x.dim() > 1 and x.shape[0] == 0:  # a shape check, no host sync
+            raise ValueError(f"empty batch: a Kronecker layer ({type(helper).__name__}) received "
+                             f"an input of shape {tuple(x.shape)}; every batch (and micro-batch) "
+                             "needs at least one sample")
+        if rec.chunk_calls and not rec.grad_arrived:  # reuse inside one forward pass
+            rec.chunk_calls += 1
+            rec.calls = max(rec.calls, rec.chunk_calls)
+            return 0
+        m = helper.batch_size(x)
+        rec.chunk_calls = 1
+        rec.calls = max(rec.calls, 1)
+        rec.chunks += 1
+        rec.grad_arrived = False
         rec.locations = helper.locations(output)
-        rec.batch = helper.batch_size(x)
-        return True
+        rec.batch += m
+        return m
+
+    @staticmethod
+    def _mark_grad(output: Tensor, rec: LayerRecord) -> None:
+        """Note when the gradient of ``output`` arrives (tells accumulation from reuse)."""
+
+        def grad_hook(g: Tensor) -> None:
+            rec.grad_arrived = True
+
+        output.register_hook(grad_hook)
 
     def _counting_hook(self, layer: KroneckerLayer, rec: LayerRecord) -> _Hook:
         helper = layer.helper
 
         def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
-            self._first_call(helper, rec, inputs[0], output)
+            if self._begin_call(helper, rec, inputs[0], output) and output.requires_grad:
+                self._mark_grad(output, rec)
 
         return hook
 
@@ -258,49 +343,73 @@ class Capture:
 
         def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
             t0 = time.perf_counter()
-            if self._first_call(helper, rec, inputs[0], output):
+            m = self._begin_call(helper, rec, inputs[0], output)
+            if m:
                 x = inputs[0].detach().to(self.dtype_fn(module))
-                rec.A = helper.A(x) * rec.batch
+                with no_autocast(x):
+                    A = helper.A(x) * m
+                rec.A = A if rec.A is None else rec.A + A
                 self.hook_seconds += time.perf_counter() - t0
 
         return hook
 
-    def _pre_hook(self, layer: KroneckerLayer, rec: LayerRecord, s_A_fn: SAFn, need_A: bool,
-                  defer: bool) -> _Hook:
+    def _pre_hook(self, layer: KroneckerLayer, rec: LayerRecord, need_A: bool) -> _Hook:
         helper = layer.helper
 
         def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
             t0 = time.perf_counter()
-            if not self._first_call(helper, rec, inputs[0], output):
+            m = self._begin_call(helper, rec, inputs[0], output)
+            if not m:
                 return
+            n0 = rec.batch - m
             dtype = self.dtype_fn(module)
-            x = inputs[0].detach().to(dtype)
-            rec.a_bar = helper.a_bar(x)
-            if defer:
-                rec.pending_x = inputs[0].detach()
-            else:
-                rec.s_A = s_A_fn(layer, rec)
-                if rec.s_A is not None:
-                    rec.A_s = helper.A_s(x, rec.s_A)
-            if need_A:
-                rec.A = helper.A(x)
-            del x
-            rec.h_bar = helper.h_bar(output.detach().to(dtype))
+            with no_autocast(output):  # curvature in float32/64 whatever the autocast state
+                x = inputs[0].detach()
+                xd = x.to(dtype)
+                rec.a_bar = merge_mean(rec.a_bar, n0, helper.a_bar(xd), m)
+                if need_A:
+                    rec.A = merge_mean(rec.A, n0, helper.A(xd), m)
+                else:
+                    self._keep_input(helper, rec, x, n0, dtype)
+                del xd
+                rec.h_bar = merge_mean(rec.h_bar, n0, helper.h_bar(output.detach().to(dtype)), m)
             if output.requires_grad:
-                self._on_grad(output, rec, helper, dtype)
+                self._on_grad(output, rec, helper, dtype, m)
             self.hook_seconds += time.perf_counter() - t0
 
         return hook
+
+    @staticmethod
+    def _keep_input(helper: KroneckerHelper, rec: LayerRecord, x: Tensor, n0: int,
+                    dtype: torch.dtype) -> None:
+        """Keep ``x`` for ``A s_A`` (see :meth:`kbfgs_pre`), or fold the micro-batch inputs into
+        the explicit ``A`` once they would hold more elements than it."""
+        if rec.A_fold is not None:
+            rec.A_fold = merge_mean(rec.A_fold, n0, helper.A(x.to(dtype)), helper.batch_size(x))
+            return
+        rec.inputs.append(x)
+        cols = helper.dims()[1]
+        if len(rec.inputs) == 1 or sum(t.numel() for t in rec.inputs) <= cols * cols:
+            return
+        n = 0
+        for t in rec.inputs:
+            mt = helper.batch_size(t)
+            rec.A_fold = merge_mean(rec.A_fold, n, helper.A(t.to(dtype)), mt)
+            n += mt
+        rec.inputs = []
 
     def _post_hook(self, layer: KroneckerLayer, rec: LayerRecord) -> _Hook:
         helper = layer.helper
 
         def hook(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor | None:
             t0 = time.perf_counter()
-            if not self._first_call(helper, rec, inputs[0], output):
+            m = self._begin_call(helper, rec, inputs[0], output)
+            if not m:
                 return None
             dtype = self.dtype_fn(module)
-            rec.h_bar = helper.h_bar(output.detach().to(dtype))
+            with no_autocast(output):
+                h_bar = helper.h_bar(output.detach().to(dtype))
+            rec.h_bar = merge_mean(rec.h_bar, rec.batch - m, h_bar, m)
             result = None
             if not output.requires_grad and torch.is_grad_enabled():
                 # No parameter upstream requires grad in this pass: make the output a node of
@@ -308,20 +417,32 @@ class Capture:
                 output = output + self._dummy_scalar(output)
                 result = output
             if output.requires_grad:
-                self._on_grad(output, rec, helper, dtype)
+                self._on_grad(output, rec, helper, dtype, m)
             self.hook_seconds += time.perf_counter() - t0
             return result
 
         return hook
 
     def _on_grad(self, output: Tensor, rec: LayerRecord, helper: KroneckerHelper,
-                 dtype: torch.dtype) -> None:
-        """``rec.Dh_bar`` from the output's gradient."""
-        batch, reduction = rec.batch, self.reduction
+                 dtype: torch.dtype, batch: int) -> None:
+        """``rec.Dh_bar`` and ``rec.Dh_scale`` from the output's gradient (``batch`` samples),
+        merged with those of the earlier micro-batches."""
+        reduction = self.reduction
 
         def grad_hook(g: Tensor) -> None:
             t1 = time.perf_counter()
-            rec.Dh_bar = helper.Dh_bar(g.detach().to(dtype), batch, reduction)
+            rec.grad_arrived = True
+            with no_autocast(g):
+                gd = g.detach().to(dtype)
+                Dh = helper.Dh_bar(gd, batch, reduction)
+                # E_n[mean_t |Dh_t|] summed over the outputs: one more reduction of g
+                per = gd.numel() // Dh.numel()  # batch * |T|
+                scale = torch.linalg.vector_norm(gd, 1) * (
+                    batch / per if reduction == "mean" else 1.0 / per)
+            n0 = rec.grad_batch
+            rec.Dh_bar = merge_output_grad(rec.Dh_bar, n0, Dh, batch, reduction)
+            rec.Dh_scale = merge_output_grad(rec.Dh_scale, n0, scale, batch, reduction)
+            rec.grad_batch = n0 + batch
             self.hook_seconds += time.perf_counter() - t1
 
         output.register_hook(grad_hook)
@@ -332,21 +453,24 @@ class Capture:
 
         def hook(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor | None:
             t0 = time.perf_counter()
-            if not self._first_call(helper, rec, inputs[0], output):
+            m = self._begin_call(helper, rec, inputs[0], output)
+            if not m:
                 return None
             dtype = self.dtype_fn(module)
             x = inputs[0]
-            with torch.autocast(x.device.type, enabled=False):  # curvature in float32/64
-                rec.A = helper.A(x.detach().to(dtype))
+            with no_autocast(x):  # curvature in float32/64
+                rec.A = merge_mean(rec.A, rec.batch - m, helper.A(x.detach().to(dtype)), m)
             dummy = torch.zeros((), dtype=output.dtype, device=output.device, requires_grad=True)
             rec.dummy = dummy
             out = output + dummy
-            batch = rec.batch
 
             def grad_hook(g: Tensor) -> None:
                 t1 = time.perf_counter()
-                with torch.autocast(g.device.type, enabled=False):
-                    rec.G = helper.G(g.detach().to(dtype), batch, reduction)
+                rec.grad_arrived = True
+                with no_autocast(g):
+                    G = helper.G(g.detach().to(dtype), m, reduction)
+                rec.G = merge_output_grad(rec.G, rec.grad_batch, G, m, reduction, gram=True)
+                rec.grad_batch += m
                 self.hook_seconds += time.perf_counter() - t1
 
             out.register_hook(grad_hook)
@@ -355,20 +479,34 @@ class Capture:
 
         return hook
 
-    def _finish_A_s(self, layers: list[KroneckerLayer], records: dict[str, LayerRecord],
-                    s_A_fn: SAFn) -> None:
-        """``s_A = s_A_fn(layer, record)`` and ``A s_A`` for every record holding ``pending_x``
-        (then dropped), as the pre hook would have formed them."""
+    def _finish_A_s(self, records: dict[str, LayerRecord], s_A_fn: SAFn, group: Any) -> None:
+        """At the end of :meth:`kbfgs_pre`: average ``a_bar`` over ``group``, then
+        ``s_A = s_A_fn(layer, record)`` and ``A s_A`` from the kept inputs (or the folded
+        ``A``) of every recorded layer; the inputs are dropped."""
         t0 = time.perf_counter()
-        for layer in layers:
+        done = [ly for ly in self.layers if records[ly.name].a_bar is not None]
+        if group is not None and done:
+            distributed.all_reduce_flat([records[ly.name].a_bar for ly in done], group)
+        for layer in done:
             rec = records[layer.name]
-            if rec.pending_x is None:
+            inputs, rec.inputs = rec.inputs, []
+            with autocast_off():  # ``step`` may run inside an autocast region
+                rec.s_A = s = s_A_fn(layer, rec)
+            if s is None:
                 continue
-            x, rec.pending_x = rec.pending_x, None
-            rec.s_A = s_A_fn(layer, rec)
-            if rec.s_A is not None:
-                rec.A_s = layer.helper.A_s(x.to(self.dtype_fn(layer.module)), rec.s_A)
-            del x
+            with autocast_off():
+                if rec.A is not None:  # explicit minibatch A (2020 variants)
+                    rec.A_s = rec.A @ s
+                elif rec.A_fold is not None:
+                    rec.A_s = rec.A_fold @ s
+                else:
+                    dtype, n = self.dtype_fn(layer.module), 0
+                    for x in inputs:
+                        mx = layer.helper.batch_size(x)
+                        rec.A_s = merge_mean(rec.A_s, n, layer.helper.A_s(x.to(dtype), s), mx)
+                        n += mx
+            rec.A_fold = None
+            del inputs
         self.hook_seconds += time.perf_counter() - t0
 
     def _dummy_scalar(self, like: Tensor) -> Tensor:
@@ -382,6 +520,41 @@ class Capture:
 # ---------------------------------------------------------------------------------------------
 # Autocast of a recorded call, replayed for KFAC's sampled-target pass
 # ---------------------------------------------------------------------------------------------
+
+
+def no_autocast(like: Tensor) -> contextlib.AbstractContextManager[None]:
+    """Autocast off on ``like``'s device (curvature in float32/64 whatever the autocast state;
+    a no-op context when autocast is off)."""
+    dev = like.device.type
+    try:
+        on = torch.is_autocast_enabled(dev)
+    except TypeError:  # torch < 2.4
+        on = torch.is_autocast_enabled() if dev == "cuda" else torch.is_autocast_cpu_enabled()
+    return torch.autocast(dev, enabled=False) if on else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def eager() -> Iterator[None]:
+    """``torch.compile``-d code runs eagerly inside (``torch.compiler.set_stance("force_eager")``,
+    torch >= 2.6): a pass with hooks never meets a compiled graph, so the graphs compiled for
+    the steps without hooks stay valid (no recompilation per curvature step)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    if set_stance is None or torch.compiler.is_compiling():
+        yield
+        return
+    with set_stance("force_eager"):
+        yield
+
+
+@contextlib.contextmanager
+def autocast_off() -> Iterator[None]:
+    """Autocast off on every device where it is on (the optimizer's own math, when ``step``
+    itself is called inside an autocast region, e.g. by a framework); the closure's calls keep
+    the caller's autocast state."""
+    with contextlib.ExitStack() as stack:
+        for dev, _ in _autocast_state():
+            stack.enter_context(torch.autocast(dev, enabled=False))
+        yield
 
 
 def _autocast_state() -> list[tuple[str, torch.dtype]]:

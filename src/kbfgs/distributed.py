@@ -78,12 +78,18 @@ def get_world_size(group: Any) -> int:
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The inner module of a ``DistributedDataParallel`` / ``DataParallel`` wrapper."""
+    """The inner module of a ``DistributedDataParallel`` / ``DataParallel`` wrapper and of
+    ``torch.compile`` (its ``_orig_mod``: hooks and replayed calls then run eagerly)."""
     from torch.nn.parallel import DataParallel, DistributedDataParallel
 
-    while isinstance(model, (DistributedDataParallel, DataParallel)):
-        model = model.module
-    return model
+    while True:
+        if isinstance(model, (DistributedDataParallel, DataParallel)):
+            model = model.module
+        elif type(model).__name__ == "OptimizedModule" and isinstance(
+                getattr(model, "_orig_mod", None), torch.nn.Module):
+            model = model._orig_mod
+        else:
+            return model
 
 
 def process_group(model: nn.Module) -> Any | None:

@@ -11,7 +11,7 @@ Methods (the rows of Tables 3, 4 and 7)::
     kbfgs               K-BFGS (Algorithm 2), dense BFGS for H_G
     kbfgs-t20           K-BFGS with curvature update frequency T = 20 (the dagger row of Table 3)
     kbfgs-l             K-BFGS(L), L-BFGS with 100 pairs for H_G
-    kbfgs-20            K-BFGS of Goldfarb et al. (2020) (spec section 4)
+    kbfgs-20            K-BFGS of Goldfarb et al. (2020) (docs/api.md)
     kbfgs-l-20          K-BFGS(L) of Goldfarb et al. (2020)
     kbfgs-no-dpdlm      Table 7, improvement #1 off (double damping instead of D_P D_LM)
     kbfgs-no-minibatch  Table 7, improvement #2 off (moving-average A instead of minibatch A s)
@@ -33,15 +33,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..optim.factory import PEER_NAMES
+from ..optim.factory import title as optimizer_title
 from . import models as _models
+from . import paper
 
 __all__ = [
     "METHODS",
     "METHOD_FACTORY",
     "METHOD_HPS",
     "METHOD_TITLES",
+    "PEERS",
     "PROBLEM_NAMES",
+    "RUNNER_METHODS",
     "Problem",
+    "RunnerMethod",
     "get_problem",
     "loss_fn",
     "method_hp_keys",
@@ -51,50 +57,49 @@ __all__ = [
 # Methods
 # --------------------------------------------------------------------------------------------
 
-#: method name -> name passed to ``kbfgs.make_optimizer``.
-#: The order is the tables' order (Table 3, and Table 7 for the ablation variants).
-METHOD_FACTORY: dict[str, str] = {
-    "kbfgs": "kbfgs",
-    "kbfgs-t20": "kbfgs",
-    "kbfgs-no-dpdlm": "kbfgs-no-dpdlm",
-    "kbfgs-no-minibatch": "kbfgs-no-minibatch",
-    "kbfgs-l": "kbfgs-l",
-    "kbfgs-20": "kbfgs-20",
-    "kbfgs-l-20": "kbfgs-l-20",
-    "kfac": "kfac",
-    "adam": "adam",
-    "sgd-m": "sgd-m",
-}
-METHODS: tuple[str, ...] = tuple(METHOD_FACTORY)
 
-#: Names as the paper's tables print them.
-METHOD_TITLES: dict[str, str] = {
-    "kbfgs": "K-BFGS",
-    "kbfgs-t20": "K-BFGS \u2020 (T=20)",
-    "kbfgs-l": "K-BFGS(L)",
-    "kbfgs-20": "K-BFGS-20",
-    "kbfgs-l-20": "K-BFGS(L)-20",
-    "kbfgs-no-dpdlm": "K-BFGS (#1 off)",
-    "kbfgs-no-minibatch": "K-BFGS (#2 off)",
-    "kfac": "KFAC",
-    "adam": "Adam",
-    "sgd-m": "SGD-m",
-}
+@dataclass(frozen=True)
+class RunnerMethod:
+    """A method of the runner: the ``kbfgs.make_optimizer`` name it builds, the
+    hyper-parameters the runner sets and records (a subset of the optimizer's), and the title
+    tables print when it is not the optimizer's own (``kbfgs.optim.factory.title``)."""
+
+    optimizer: str
+    hps: tuple[str, ...]
+    title: str | None = None
+
 
 _KRON = ("lr", "damping", "weight_decay", "momentum", "update_freq")
-#: hyper-parameters each method takes (and that ``kbfgs run`` records).
-METHOD_HPS: dict[str, tuple[str, ...]] = {
-    "kbfgs": _KRON,
-    "kbfgs-t20": _KRON,
-    "kbfgs-l": _KRON + ("history",),
-    "kbfgs-20": _KRON,
-    "kbfgs-l-20": _KRON + ("history",),
-    "kbfgs-no-dpdlm": _KRON,
-    "kbfgs-no-minibatch": _KRON,
-    "kfac": ("lr", "damping", "weight_decay", "momentum", "stat_freq", "inv_freq", "likelihood"),
-    "adam": ("lr", "damping", "weight_decay"),
-    "sgd-m": ("lr", "weight_decay", "momentum"),
+_KFAC = ("lr", "damping", "weight_decay", "momentum", "stat_freq", "inv_freq", "likelihood")
+
+#: The runner's methods, in the tables' order (Table 3, and Table 7 for the ablation
+#: variants), then the peers.
+RUNNER_METHODS: dict[str, RunnerMethod] = {
+    "kbfgs": RunnerMethod("kbfgs", _KRON),
+    "kbfgs-t20": RunnerMethod("kbfgs", _KRON, "K-BFGS \u2020 (T=20)"),
+    "kbfgs-no-dpdlm": RunnerMethod("kbfgs-no-dpdlm", _KRON),
+    "kbfgs-no-minibatch": RunnerMethod("kbfgs-no-minibatch", _KRON),
+    "kbfgs-l": RunnerMethod("kbfgs-l", _KRON + ("history",)),
+    "kbfgs-20": RunnerMethod("kbfgs-20", _KRON),
+    "kbfgs-l-20": RunnerMethod("kbfgs-l-20", _KRON + ("history",)),
+    "kfac": RunnerMethod("kfac", _KFAC),
+    "adam": RunnerMethod("adam", ("lr", "damping", "weight_decay")),
+    "sgd-m": RunnerMethod("sgd-m", ("lr", "weight_decay", "momentum")),
+    "muon": RunnerMethod("muon", ("lr", "weight_decay", "momentum")),
+    "soap": RunnerMethod("soap", ("lr", "weight_decay")),
+    "shampoo": RunnerMethod("shampoo", ("lr", "weight_decay")),
 }
+
+#: method name -> name passed to ``kbfgs.make_optimizer``.
+METHOD_FACTORY: dict[str, str] = {m: r.optimizer for m, r in RUNNER_METHODS.items()}
+METHODS: tuple[str, ...] = tuple(RUNNER_METHODS)
+#: the methods that are not the paper's
+PEERS: tuple[str, ...] = tuple(m for m in METHODS if m in PEER_NAMES)
+#: Names as the paper's tables print them.
+METHOD_TITLES: dict[str, str] = {m: r.title or optimizer_title(r.optimizer)
+                                 for m, r in RUNNER_METHODS.items()}
+#: hyper-parameters each method takes (and that ``kbfgs run`` records).
+METHOD_HPS: dict[str, tuple[str, ...]] = {m: r.hps for m, r in RUNNER_METHODS.items()}
 
 
 def method_hp_keys(method: str) -> tuple[str, ...]:
@@ -114,7 +119,7 @@ def check_method(method: str) -> None:
 
 
 def loss_fn(kind: str) -> Callable[[Tensor, Tensor], Tensor]:
-    """The batch-mean loss of a problem (spec section 7).
+    """The batch-mean loss of a problem (Table 5; docs/api.md, 'Deviations from the paper').
 
     ``bce``: binary cross entropy with logits summed over pixels, mean over the batch;
     ``half_mse``: half the squared error summed over pixels, mean over the batch;
@@ -201,6 +206,9 @@ class Problem:
         if method in self.grids:
             return dict(self.grids[method])
         family = "kbfgs" if method.startswith("kbfgs") else method
+        if family not in self.grids:
+            raise ValueError(f"problem {self.name!r} has no grid for method {method!r}; give "
+                             "the values to try (e.g. --lr 1e-3 3e-3)")
         return dict(self.grids[family])
 
     def build_model(self) -> nn.Module:
@@ -211,18 +219,10 @@ class Problem:
                                    image_size=h)
 
 
-# Table 6 (lr, damping) per autoencoder problem.
+# (lr, damping) per autoencoder data set: Table 6 (paper.TABLE6) and Fashion-MNIST.
 _TABLE6 = {
-    "mnist": {"kbfgs": (0.03, 0.3), "kbfgs-t20": (0.3, 30), "kbfgs-l": (0.03, 0.3),
-              "kbfgs-20": (0.01, 0.1), "kbfgs-l-20": (0.003, 0.1), "kfac": (0.3, 10),
-              "adam": (1e-4, 1e-4), "sgd-m": (0.003, None)},
-    "faces": {"kbfgs": (0.03, 1), "kbfgs-t20": (0.03, 3), "kbfgs-l": (0.03, 1),
-              "kbfgs-20": (0.01, 0.3), "kbfgs-l-20": (0.01, 0.3), "kfac": (0.03, 0.1),
-              "adam": (1e-4, 1e-4), "sgd-m": (0.001, None)},
-    "curves": {"kbfgs": (0.03, 0.3), "kbfgs-t20": (0.3, 30), "kbfgs-l": (0.1, 3),
-               "kbfgs-20": (0.01, 0.03), "kbfgs-l-20": (0.003, 0.03), "kfac": (0.3, 10),
-               "adam": (1e-3, 1e-3), "sgd-m": (0.003, None)},
-    # Not in the paper. K-BFGS and Adam: spec section 7 (the MNIST values of Table 6 diverge
+    **paper.TABLE6,
+    # Not in the paper. K-BFGS and Adam: docs/results.md (the MNIST values of Table 6 diverge
     # on Fashion-MNIST). The others: chosen for stability, see _FMNIST_NOTES.
     "fashion-mnist": {"kbfgs": (0.03, 1), "kbfgs-t20": (0.3, 30), "kbfgs-l": (0.03, 1),
                       "kbfgs-20": (0.01, 0.3), "kbfgs-l-20": (0.003, 0.1), "kfac": (0.1, 30),
@@ -231,7 +231,7 @@ _TABLE6 = {
 _FMNIST_NOTES = {
     # Checked with `kbfgs grid --problem fmnist-ae --time-budget 40` (1 seed, see
     # docs/results.md): Table 6's MNIST value, and one damping step up where it diverged.
-    "kbfgs": "spec section 7; Table 6's MNIST (0.03, 0.3) diverges (NaN at step ~28)",
+    "kbfgs": "project choice (docs/results.md); Table 6's MNIST (0.03, 0.3) diverges (NaN at step ~28)",
     "kbfgs-t20": "Table 6 MNIST value (stable; damping 100 was worse)",
     "kbfgs-l": "Table 6 MNIST lr, damping 1: (0.03, 0.3) diverges (NaN at step ~30)",
     "kbfgs-20": "Table 6 MNIST lr, damping 0.3: (0.01, 0.1) diverges (NaN at step ~35)",
@@ -240,50 +240,47 @@ _FMNIST_NOTES = {
     "kbfgs-no-minibatch": "K-BFGS's value (the paper does not list Table 7's)",
     "kfac": "best of lr {0.3, 0.1, 0.03, 0.01} x damping {10, 30} in 40 s checks: Table 6's "
             "MNIST (0.3, 10) diverges (NaN at step ~14), so do (0.3, 30) and (0.1, 10)",
-    "adam": "spec section 7 (= Table 6 MNIST)",
-    "sgd-m": "0.001: lower loss than Table 6 MNIST's 0.003 in a 40 s check (spec section 7: "
+    "adam": "Table 6 MNIST value",
+    "sgd-m": "0.001: lower loss than Table 6 MNIST's 0.003 in a 40 s check (docs/results.md: "
              "0.003 reaches NaN in epoch 3)",
 }
 _ABLATION_NOTE = "K-BFGS's Table 6 value (the paper does not list the Table 7 variants' values)"
 
-# Appendix D.2 grids.
-_AE_LRS = (3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0)
-_AE_DAMPINGS = (0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
-_AE_GRIDS: dict[str, dict[str, tuple[float, ...]]] = {
-    "kbfgs": {"lr": _AE_LRS, "damping": _AE_DAMPINGS},
-    "kfac": {"lr": _AE_LRS, "damping": _AE_DAMPINGS},
-    "adam": {"lr": _AE_LRS, "damping": (1e-8, 1e-4, 1e-3, 0.01, 0.1)},
-    "sgd-m": {"lr": _AE_LRS},
+# The peers (not in the paper): defaults from a learning-rate grid on fmnist-ae, the same
+# budget for every peer (docs/results.md, "Peers: Muon, SOAP, Shampoo").
+_PEER_LRS = (3e-4, 1e-3, 3e-3, 0.01, 0.03)
+_PEER_AE_GRIDS: dict[str, dict[str, tuple[float, ...]]] = {
+    "muon": {"lr": _PEER_LRS},
+    "soap": {"lr": _PEER_LRS},
+    "shampoo": {"lr": (1e-4, 3e-4, 1e-3, 3e-3, 0.01)},
+}
+_PEER_FMNIST: dict[str, dict[str, Any]] = {
+    "muon": {"lr": 0.01, "weight_decay": 0.0, "momentum": 0.95},
+    "soap": {"lr": 0.01, "weight_decay": 0.0},
+    "shampoo": {"lr": 1e-3, "weight_decay": 0.0},
+}
+_PEER_FMNIST_NOTES = {
+    "muon": "best lr of a 25 s grid on fmnist-ae (docs/results.md); Newton-Schulz in float32 "
+            "on CPU (torch's bfloat16 on CUDA)",
+    "soap": "best lr of a 25 s grid on fmnist-ae (docs/results.md)",
+    "shampoo": "best lr of a 25 s grid on fmnist-ae (docs/results.md)",
 }
 
-# Appendix D.3 grids.
-_CNN_GRIDS: dict[str, dict[str, tuple[float, ...]]] = {
-    "kbfgs": {"lr": (0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1e3, 3e3),
-              "weight_decay": (1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 0.01, 0.1),
-              "damping": (1.0, 10.0, 100.0, 1e3, 1e4, 1e5)},
-    "kfac": {"lr": (1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3), "weight_decay": (0.001, 0.01, 0.1, 1.0),
-             "damping": (1e-4, 0.001, 0.01, 0.1, 1.0, 10.0, 100.0)},
-    "adam": {"lr": (3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1),
-             "weight_decay": (0.01, 0.1, 1.0, 10.0), "damping": (1e-8, 1e-4, 0.01, 0.1, 1.0)},
-    "sgd-m": {"lr": (3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3),
-              "weight_decay": (1e-3, 0.01, 0.1, 1.0)},
-}
 
-# Table 8 (lr, weight decay, damping) per CNN problem.
-_TABLE8 = {
-    "vgg16-cifar10": {"kbfgs": (30, 1e-5, 1e4), "kbfgs-l": (1, 1e-3, 100),
-                      "kfac": (0.01, 0.1, 10), "adam": (0.003, 0.1, 0.1),
-                      "sgd-m": (0.003, 0.1, None)},
-    "resnet32-cifar10": {"kbfgs": (100, 1e-5, 1e3), "kbfgs-l": (1e3, 1e-6, 1e4),
-                         "kfac": (0.01, 0.1, 0.01), "adam": (0.003, 0.1, 0.01),
-                         "sgd-m": (0.03, 0.01, None)},
-    "vgg16-cifar100": {"kbfgs": (0.1, 0.01, 10), "kbfgs-l": (0.3, 0.001, 100),
-                       "kfac": (0.01, 0.1, 1), "adam": (3e-4, 1, 0.01),
-                       "sgd-m": (0.003, 0.1, None)},
-    "resnet32-cifar100": {"kbfgs": (1e3, 1e-6, 1e4), "kbfgs-l": (10, 1e-4, 100),
-                          "kfac": (0.01, 0.1, 0.001), "adam": (0.01, 0.1, 0.01),
-                          "sgd-m": (0.03, 0.01, None)},
+def _reused(where: str) -> dict[str, str]:
+    return {m: f"the fmnist-ae grid's value (not tuned on {where})"
+               + ("; Newton-Schulz in float32 on CPU" if m == "muon" else "")
+            for m in _PEER_FMNIST}
+
+
+#: data set -> (peer defaults, notes): the fmnist-ae grid's values, reused for the other BCE
+#: autoencoders until they have their own grid
+_PEER_DEFAULTS: dict[str, tuple[dict[str, dict[str, Any]], dict[str, str]]] = {
+    "fashion-mnist": (_PEER_FMNIST, _PEER_FMNIST_NOTES),
+    "mnist": (_PEER_FMNIST, _reused("MNIST; same model")),
+    "curves": (_PEER_FMNIST, _reused("CURVES")),
 }
+_AE_GRIDS = {**paper.AE_GRIDS, **_PEER_AE_GRIDS}
 
 _AE_TABLE5 = {"mnist": "mnist_autoencoder", "fashion-mnist": "mnist_autoencoder",
               "faces": "faces_autoencoder", "curves": "curves_autoencoder"}
@@ -294,67 +291,39 @@ def _ae_hps(dataset: str, loss: str) -> tuple[dict[str, dict[str, Any]], dict[st
     hps: dict[str, dict[str, Any]] = {}
     notes: dict[str, str] = {}
     for method in METHODS:
+        if method in PEERS:
+            continue
         key = method
         if method in ("kbfgs-no-dpdlm", "kbfgs-no-minibatch"):
             key = "kbfgs"
             notes[method] = _ABLATION_NOTE
         lr, damping = table[key]
-        hp: dict[str, Any] = {"lr": lr}
-        if damping is not None:
-            hp["damping"] = damping
-        if method == "sgd-m":
-            hp.update(weight_decay=0.0, momentum=0.9)
-        elif method == "adam":
-            hp.update(weight_decay=0.0)
-        elif method == "kfac":
-            # Section 6.1: KFAC with T1 = 1, T2 = 20 on the autoencoders.
-            hp.update(weight_decay=0.0, momentum=0.9, stat_freq=1, inv_freq=20,
-                      likelihood=_LIKELIHOOD[loss])
-        else:
-            # Section 6.1: T = 1 for every Kronecker QN method, T = 20 for the dagger row.
-            hp.update(weight_decay=0.0, momentum=0.9,
-                      update_freq=20 if method == "kbfgs-t20" else 1)
-            if method in ("kbfgs-l", "kbfgs-l-20"):
-                hp["history"] = 100
-        hps[method] = hp
+        hps[method] = paper.table6_hps(method, lr, damping, _LIKELIHOOD[loss])
     if dataset == "fashion-mnist":
         notes = dict(_FMNIST_NOTES)
+    peer_hps, peer_notes = _PEER_DEFAULTS.get(dataset, ({}, {}))
+    hps.update({m: dict(hp) for m, hp in peer_hps.items()})
+    notes.update(peer_notes)
     return hps, notes
 
 
 def _cnn_hps(table: dict[str, tuple[Any, Any, Any]]) -> dict[str, dict[str, Any]]:
-    hps: dict[str, dict[str, Any]] = {}
-    for method, (lr, wd, damping) in table.items():
-        hp: dict[str, Any] = {"lr": float(lr), "weight_decay": float(wd)}
-        if damping is not None:
-            hp["damping"] = float(damping)
-        if method == "sgd-m":
-            hp["momentum"] = 0.9
-        elif method == "kfac":
-            # Section 6.2: KFAC with T1 = 10, T2 = 100 (as Zhang et al. 2019).
-            hp.update(momentum=0.9, stat_freq=10, inv_freq=100, likelihood="categorical")
-        elif method.startswith("kbfgs"):
-            # Section 6.2: K-BFGS with T = 20 (K-BFGS(L) likewise).
-            hp.update(momentum=0.9, update_freq=20)
-            if method == "kbfgs-l":
-                hp["history"] = 100
-        hps[method] = hp
-    return hps
+    return {method: paper.table8_hps(method, *entry) for method, entry in table.items()}
 
 
 def _autoencoder(name: str, dataset: str, loss: str, budget: float, description: str,
                  eval_subset: int | None = None) -> Problem:
     hps, notes = _ae_hps(dataset, loss)
     source = ("Table 6 (MNIST, FACES, CURVES)" if dataset != "fashion-mnist"
-              else "not in the paper: spec section 7 and the notes per method")
+              else "not in the paper: docs/results.md and the notes per method")
     return Problem(name=name, dataset=dataset, model=_AE_TABLE5[dataset], loss=loss,
                    batch_size=1000, hps=hps, hp_notes=notes, source=source,
                    time_budget=budget, eval_subset=eval_subset, grids=_AE_GRIDS,
                    description=description)
 
 
-_SECOND_ORDER_SCHEDULE = (150, 50, 0.1)  # Section 6.2: K-BFGS, K-BFGS(L), KFAC
-_FIRST_ORDER_SCHEDULE = (200, 60, 0.1)  # Section 6.2: SGD-m, Adam
+_SECOND_ORDER_SCHEDULE = paper.SECOND_ORDER_SCHEDULE  # Section 6.2: K-BFGS, K-BFGS(L), KFAC
+_FIRST_ORDER_SCHEDULE = paper.FIRST_ORDER_SCHEDULE  # Section 6.2: SGD-m, Adam
 
 
 def _cnn(name: str, dataset: str, model: str, image_shape: tuple[int, int, int],
@@ -365,7 +334,7 @@ def _cnn(name: str, dataset: str, model: str, image_shape: tuple[int, int, int],
                    image_shape=image_shape, num_classes=num_classes, augment=True,
                    schedule={"second_order": _SECOND_ORDER_SCHEDULE,
                              "first_order": _FIRST_ORDER_SCHEDULE},
-                   eval_subset=10_000, grids=_CNN_GRIDS, description=description)
+                   eval_subset=10_000, grids=paper.CNN_GRIDS, description=description)
 
 
 _PROBLEMS: dict[str, Problem] = {}
@@ -392,14 +361,14 @@ for _model, _mname in (("vgg16_bn", "vgg16"), ("resnet32", "resnet32")):
     for _classes in (10, 100):
         _pname = f"{_mname}-cifar{_classes}"
         _register(_cnn(_pname, f"cifar{_classes}", _model, (3, 32, 32), _classes,
-                       _TABLE8[_pname], "Table 8",
+                       paper.TABLE8[_pname], "Table 8",
                        description=f"{_TITLES[_mname]} on CIFAR-{_classes}, batch 128, "
                                    "random crop + flip, Section 6.2 epochs and lr decay"))
 _FMNIST_CNN_NOTE = ("not in the paper: ResNet32-CIFAR10 value of Table 8 (not tuned on "
                     "Fashion-MNIST)")
 _register(_cnn("resnet32-fmnist", "fashion-mnist", "resnet32", (1, 28, 28), 10,
-               _TABLE8["resnet32-cifar10"], "not in the paper: Table 8 ResNet32-CIFAR10 values",
-               notes={m: _FMNIST_CNN_NOTE for m in _TABLE8["resnet32-cifar10"]},
+               paper.TABLE8["resnet32-cifar10"], "not in the paper: Table 8 ResNet32-CIFAR10 values",
+               notes={m: _FMNIST_CNN_NOTE for m in paper.TABLE8["resnet32-cifar10"]},
                description="ResNet32 on Fashion-MNIST (1x28x28), batch 128, random crop "
                            "(padding 4) + flip, Section 6.2 epochs and lr decay"))
 

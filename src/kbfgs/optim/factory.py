@@ -1,169 +1,41 @@
-"""One factory for every method the paper compares (spec sections 1, 4, 5; Appendix D).
+"""One factory for every method: the paper's (Section 6, Appendix D; docs/api.md) and the peers.
 
 ``make_optimizer(name, model, **hp)`` returns an optimizer that is driven exactly like the
 others: ``loss = opt.step(closure)`` with ``closure()`` zeroing the gradients, running the
 forward pass, computing the batch-MEAN loss, calling ``backward`` and returning the loss.
 
-The first-order baselines follow Appendix D.1 / D.3 of the paper:
+This module is the method registry of the library: name -> constructor, the hyper-parameters it
+takes, a one-line description and the title tables print. The first-order baselines are in
+:mod:`kbfgs.optim.first_order`, the peers (Muon, SOAP, Shampoo) in :mod:`kbfgs.optim.peers`;
+the paper's tuned values (Tables 6 and 8) are experiment data, in
+:mod:`kbfgs.experiments.paper`.
 
-* ``adam``: Adam of Kingma & Ba with betas (0.9, 0.999), bias correction, ``eps`` = the
-  ``damping`` hyper-parameter, and *decoupled* weight decay ``W -= lr (p + wd W)`` (the paper's
-  D.3 modification), which is what ``torch.optim.AdamW`` computes.
-* ``sgd-m``: ``buf = momentum buf + g`` (no dampening, momentum 0.9), then
-  ``W -= lr (buf + wd W)`` (decoupled weight decay; ``torch.optim.SGD`` couples it, so
-  :class:`SGDM` implements the update itself).
-
-Both skip a step whose loss or gradient is not finite (parameters and state unchanged), like
-the Kronecker-factored optimizers, so that every method obeys the same reliability contract.
+Every method skips a step whose loss or gradient is not finite (parameters and state
+unchanged), so that all obey the same reliability contract.
 """
 
 from __future__ import annotations
 
-import math
-import warnings
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from .base import all_finite
+from ..distributed import unwrap_model
+from .first_order import SGDM, DecoupledAdam
 from .kbfgs import KBFGS
 from .kfac import KFAC
+from .peers import MuonAdamW, make_shampoo, make_soap
 
 __all__ = [
     "OPTIMIZER_NAMES",
-    "PAPER_HPS",
-    "SGDM",
-    "DecoupledAdam",
+    "PEER_NAMES",
     "describe",
     "make_optimizer",
+    "title",
     "valid_hps",
 ]
-
-
-# ---------------------------------------------------------------------------------------------
-# First-order baselines
-# ---------------------------------------------------------------------------------------------
-
-
-def _all_finite(loss: Any, params: Iterable[Tensor]) -> bool:
-    return all_finite(loss, [p.grad for p in params if p.grad is not None])
-
-
-class _SkipNonFinite:
-    """Mixin: run the closure, skip a non-finite step, count steps (kept in ``state_dict``)."""
-
-    check_finite: bool
-    steps: int
-    skipped_steps: int
-
-    def _run_closure(self, closure: Callable[[], Any] | None) -> tuple[Any, bool]:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        params = [p for g in self.param_groups for p in g["params"]]  # type: ignore[attr-defined]
-        if self.check_finite and not _all_finite(loss, params):
-            self.skipped_steps += 1
-            if self.skipped_steps == 1:
-                warnings.warn(f"{type(self).__name__}: non-finite loss or gradient at step "
-                              f"{self.steps + 1}; the step is skipped and the optimizer state is "
-                              "unchanged (counted in stats()['skipped_steps'])",
-                              RuntimeWarning, stacklevel=3)
-            return loss, False
-        return loss, True
-
-    def stats(self, condition: bool = True) -> dict[str, Any]:
-        return {"steps": self.steps, "skipped_steps": self.skipped_steps}
-
-    def state_dict(self) -> dict[str, Any]:
-        sd = super().state_dict()  # type: ignore[misc]
-        sd["counters"] = {"steps": self.steps, "skipped_steps": self.skipped_steps}
-        return sd
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        sd = dict(state_dict)
-        counters = sd.pop("counters", None)
-        super().load_state_dict(sd)  # type: ignore[misc]
-        if counters is not None:
-            self.steps = int(counters["steps"])
-            self.skipped_steps = int(counters["skipped_steps"])
-
-
-def _check_number(name: str, value: Any, low: float, *, strict: bool = False,
-                  high: float | None = None) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > low if strict else value >= low) and (high is None or value < high)
-    if not ok:
-        rng = f"> {low}" if strict else f">= {low}"
-        if high is not None:
-            rng = f"in [{low}, {high})"
-        raise ValueError(f"{name} must be a number {rng}, got {value!r}")
-
-
-class SGDM(_SkipNonFinite, torch.optim.Optimizer):
-    """SGD with momentum as in the paper: ``buf = momentum buf + g`` (no dampening),
-    ``W -= lr (buf + weight_decay W)`` (decoupled weight decay, Appendix D.3)."""
-
-    def __init__(self, params: Iterable[Any], lr: float, momentum: float = 0.9,
-                 weight_decay: float = 0.0, *, check_finite: bool = True) -> None:
-        _check_number("lr", lr, 0.0)
-        _check_number("momentum", momentum, 0.0, high=1.0)
-        _check_number("weight_decay", weight_decay, 0.0)
-        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay})
-        self.check_finite = bool(check_finite)
-        self.steps = 0
-        self.skipped_steps = 0
-
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        loss, ok = self._run_closure(closure)
-        if ok:
-            self._update()
-            self.steps += 1
-        return loss
-
-    @torch.no_grad()
-    def _update(self) -> None:
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            bufs = []
-            for p in params:
-                st = self.state[p]
-                if "momentum_buffer" not in st:
-                    st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                bufs.append(st["momentum_buffer"])
-            torch._foreach_mul_(bufs, group["momentum"])
-            torch._foreach_add_(bufs, [p.grad for p in params])
-            wd = group["weight_decay"]
-            steps = torch._foreach_add(bufs, params, alpha=wd) if wd != 0 else bufs
-            torch._foreach_add_(params, steps, alpha=-group["lr"])
-
-
-class DecoupledAdam(_SkipNonFinite, torch.optim.AdamW):
-    """Adam (Kingma & Ba) with ``eps = damping`` and decoupled weight decay
-    ``W -= lr (p + weight_decay W)``: ``torch.optim.AdamW`` with the non-finite skip."""
-
-    def __init__(self, params: Iterable[Any], lr: float, damping: float,
-                 weight_decay: float = 0.0, *, betas: tuple[float, float] = (0.9, 0.999),
-                 check_finite: bool = True) -> None:
-        _check_number("lr", lr, 0.0)
-        _check_number("damping", damping, 0.0, strict=True)
-        _check_number("weight_decay", weight_decay, 0.0)
-        super().__init__(params, lr=lr, betas=betas, eps=damping, weight_decay=weight_decay)
-        self.check_finite = bool(check_finite)
-        self.steps = 0
-        self.skipped_steps = 0
-
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        loss, ok = self._run_closure(closure)
-        if ok:
-            super().step()
-            self.steps += 1
-        return loss
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,12 +48,18 @@ _KFAC_HPS = ("lr", "damping", "momentum", "stat_freq", "inv_freq", "weight_decay
              "loss_reduction", "beta", "seed", "check_finite")
 _ADAM_HPS = ("lr", "damping", "weight_decay", "check_finite")
 _SGDM_HPS = ("lr", "momentum", "weight_decay", "check_finite")
+_MUON_HPS = ("lr", "adamw_lr", "momentum", "weight_decay", "betas", "eps", "ns_steps",
+             "ns_dtype", "hidden_only", "adjust_lr", "check_finite")
+_SOAP_HPS = ("lr", "weight_decay", "betas", "precondition_frequency", "check_finite")
+_SHAMPOO_HPS = ("lr", "weight_decay", "betas", "preconditioning_compute_steps",
+                "start_preconditioning_step", "block_size", "check_finite")
 
 _KBFGS_20 = {"damping_rule": "dd", "hessian_action": "moving_average", "damping_split": "sqrt"}
 
 
 @dataclass(frozen=True)
 class _Method:
+    title: str
     description: str
     build: Callable[..., torch.optim.Optimizer]
     hps: tuple[str, ...]
@@ -194,44 +72,71 @@ def _kbfgs(**fixed: Any) -> Callable[..., torch.optim.Optimizer]:
 
 
 def _trainable(model: nn.Module) -> list[nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
+    return [p for p in unwrap_model(model).parameters() if p.requires_grad]
 
 
 _METHODS: dict[str, _Method] = {
     "kbfgs": _Method(
+        "K-BFGS",
         "K-BFGS (Algorithm 2): dense BFGS H_G, D_P D_LM damping, minibatched Hessian action, "
         "spatial damping split", _kbfgs(history=None), _KBFGS_HPS),
     "kbfgs-l": _Method(
+        "K-BFGS(L)",
         "K-BFGS(L) (Algorithm 2): L-BFGS H_G with `history` pairs (default 100), otherwise as "
         "kbfgs", _kbfgs(), _KBFGS_HPS + ("history",), defaults={"history": 100}),
     "kbfgs-20": _Method(
+        "K-BFGS-20",
         "K-BFGS-20 (Goldfarb et al. 2020): double damping, moving-average Hessian action, "
         "sqrt(lambda) split, dense BFGS H_G", _kbfgs(history=None, **_KBFGS_20), _KBFGS_HPS),
     "kbfgs-l-20": _Method(
+        "K-BFGS(L)-20",
         "K-BFGS(L)-20 (Goldfarb et al. 2020): as kbfgs-20 with L-BFGS H_G (history 100)",
         _kbfgs(**_KBFGS_20), _KBFGS_HPS + ("history",), defaults={"history": 100}),
     "kbfgs-no-dpdlm": _Method(
+        "K-BFGS (#1 off)",
         "K-BFGS with improvement #1 off (Table 7 '#1 off'): 2020 double damping instead of "
         "D_P D_LM, otherwise as kbfgs", _kbfgs(history=None, damping_rule="dd"), _KBFGS_HPS),
     "kbfgs-no-minibatch": _Method(
+        "K-BFGS (#2 off)",
         "K-BFGS with improvement #2 off (Table 7 '#2 off'): moving-average Hessian action "
         "instead of the minibatched one, otherwise as kbfgs",
         _kbfgs(history=None, hessian_action="moving_average"), _KBFGS_HPS),
     "kfac": _Method(
+        "KFAC",
         "KFAC (Algorithm 5): Omega/Gamma moving averages with sampled targets every stat_freq "
         "steps, pi-split damped inverses every inv_freq steps",
         lambda model, **hp: KFAC(model, **hp), _KFAC_HPS),
     "adam": _Method(
+        "Adam",
         "Adam (Kingma & Ba 2014): betas (0.9, 0.999), eps = damping, decoupled weight decay "
         "(torch.optim.AdamW)",
         lambda model, **hp: DecoupledAdam(_trainable(model), **hp), _ADAM_HPS),
     "sgd-m": _Method(
+        "SGD-m",
         "SGD with momentum: buf = momentum buf + g (momentum 0.9, no dampening), "
         "W -= lr (buf + wd W) (decoupled weight decay)",
         lambda model, **hp: SGDM(_trainable(model), **hp), _SGDM_HPS, required=("lr",)),
+    "muon": _Method(
+        "Muon",
+        "Muon (torch.optim.Muon's update, momentum 0.95 Nesterov, 5 Newton-Schulz steps, "
+        "float32 on CPU) on the hidden Linear/Conv weights (conv as (out, in*kh*kw)), AdamW "
+        "(0.9, 0.95) on the rest; one lr (RMS matched to AdamW)",
+        lambda model, **hp: MuonAdamW(model, **hp), _MUON_HPS, required=("lr",)),
+    "soap": _Method(
+        "SOAP",
+        "SOAP (Vyas et al. 2024; pytorch-optimizer): Adam in Shampoo's eigenbasis, betas "
+        "(0.95, 0.95), eigenbasis every 10 steps",
+        make_soap, _SOAP_HPS, required=("lr",)),
+    "shampoo": _Method(
+        "Shampoo",
+        "Shampoo (Anil et al. 2020; pytorch-optimizer ScalableShampoo): 512-blocks, inverse "
+        "roots by SVD every 20 steps, RMSProp grafting, Nesterov momentum 0.9",
+        make_shampoo, _SHAMPOO_HPS, required=("lr",)),
 }
 
 OPTIMIZER_NAMES: tuple[str, ...] = tuple(_METHODS)
+#: the methods that are not the paper's (docs/api.md, "Peers")
+PEER_NAMES: tuple[str, ...] = ("muon", "soap", "shampoo")
 
 
 def _method(name: str) -> _Method:
@@ -245,20 +150,28 @@ def describe(name: str) -> str:
     return _method(name).description
 
 
+def title(name: str) -> str:
+    """The method's name as tables print it ("K-BFGS(L)", "Muon")."""
+    return _method(name).title
+
+
 def valid_hps(name: str) -> tuple[str, ...]:
     """The hyper-parameters ``make_optimizer(name, ...)`` accepts (``lr`` always required;
-    ``damping`` required except for ``sgd-m``)."""
+    ``damping`` required by the K-BFGS family, KFAC and Adam)."""
     return _method(name).hps
 
 
 def make_optimizer(name: str, model: nn.Module, **hp: Any) -> torch.optim.Optimizer:
     """Build the optimizer ``name`` (one of :data:`OPTIMIZER_NAMES`) for ``model``.
 
-    Hyper-parameters by method (see :func:`valid_hps`): ``lr`` and ``damping`` (lambda, Adam's
-    eps; not taken by ``sgd-m``) are required; ``momentum`` (0.9), ``weight_decay`` (0,
-    decoupled) for all; ``update_freq`` for the K-BFGS family; ``history`` (100) for
-    ``kbfgs-l`` and ``kbfgs-l-20``; ``stat_freq`` (1), ``inv_freq`` (20), ``likelihood``,
-    ``beta``, ``seed`` for ``kfac``; ``loss_reduction`` for the Kronecker methods;
+    Hyper-parameters by method (see :func:`valid_hps`): ``lr`` is required; ``damping``
+    (lambda, Adam's eps) too for the K-BFGS family, ``kfac`` and ``adam``; ``momentum`` (0.9),
+    ``weight_decay`` (0, decoupled) for the paper's methods; ``update_freq`` for the K-BFGS
+    family; ``history`` (100) for ``kbfgs-l`` and ``kbfgs-l-20``; ``stat_freq`` (1),
+    ``inv_freq`` (20), ``likelihood``, ``beta``, ``seed`` for ``kfac``; ``loss_reduction`` for
+    the Kronecker methods; the peers' own (``muon``: :class:`~kbfgs.optim.peers.MuonAdamW`;
+    ``soap``, ``shampoo``: :func:`~kbfgs.optim.peers.make_soap`,
+    :func:`~kbfgs.optim.peers.make_shampoo`, which need ``pip install 'kbfgs[peers]'``);
     ``check_finite`` for all. A name's fixed choices (history None for ``kbfgs``, the 2020
     switches of ``kbfgs-20``...) cannot be overridden: build ``kbfgs.KBFGS`` directly for other
     combinations. Unknown names and hyper-parameters a method does not take raise ValueError
@@ -274,67 +187,3 @@ def make_optimizer(name: str, model: nn.Module, **hp: Any) -> torch.optim.Optimi
         raise ValueError(f"optimizer {name!r} needs {', '.join(map(repr, missing))}; valid "
                          f"hyper-parameters: {', '.join(method.hps)}")
     return method.build(model, **{**method.defaults, **hp})
-
-
-# ---------------------------------------------------------------------------------------------
-# The paper's tuned values (for reference; they do not transfer blindly, see spec section 7)
-# ---------------------------------------------------------------------------------------------
-
-def _ae(lr_d: dict[str, tuple[float, float | None]], likelihood: str
-        ) -> dict[str, tuple[str, dict[str, Any]]]:
-    out: dict[str, tuple[str, dict[str, Any]]] = {}
-    names = {"K-BFGS": ("kbfgs", {}), "K-BFGS-T20": ("kbfgs", {"update_freq": 20}),
-             "K-BFGS(L)": ("kbfgs-l", {}), "K-BFGS-20": ("kbfgs-20", {}),
-             "K-BFGS(L)-20": ("kbfgs-l-20", {}),
-             "KFAC": ("kfac", {"stat_freq": 1, "inv_freq": 20, "likelihood": likelihood}),
-             "Adam": ("adam", {}), "SGD-m": ("sgd-m", {})}
-    for label, (lr, damping) in lr_d.items():
-        name, extra = names[label]
-        hp: dict[str, Any] = {"lr": lr, **extra}
-        if damping is not None:
-            hp["damping"] = damping
-        out[label] = (name, hp)
-    return out
-
-
-def _cnn(vals: dict[str, tuple[float, float, float | None]]
-         ) -> dict[str, tuple[str, dict[str, Any]]]:
-    names = {"K-BFGS": ("kbfgs", {"update_freq": 20}), "K-BFGS(L)": ("kbfgs-l", {"update_freq": 20}),
-             "KFAC": ("kfac", {"stat_freq": 10, "inv_freq": 100, "likelihood": "categorical"}),
-             "Adam": ("adam", {}), "SGD-m": ("sgd-m", {})}
-    out: dict[str, tuple[str, dict[str, Any]]] = {}
-    for label, (lr, wd, damping) in vals.items():
-        name, extra = names[label]
-        hp: dict[str, Any] = {"lr": lr, "weight_decay": wd, **extra}
-        if damping is not None:
-            hp["damping"] = damping
-        out[label] = (name, hp)
-    return out
-
-
-#: ``PAPER_HPS[problem][label] = (name, hp)``: Table 6 (autoencoders: lr, damping; KFAC with
-#: T_1 = 1, T_2 = 20; "K-BFGS-T20" is the dagger column, T = 20) and Table 8 (CNNs: lr,
-#: weight decay, damping; K-BFGS with T = 20, KFAC with T_1 = 10, T_2 = 100).
-PAPER_HPS: dict[str, dict[str, tuple[str, dict[str, Any]]]] = {
-    "mnist": _ae({"K-BFGS": (0.03, 0.3), "K-BFGS-T20": (0.3, 30), "K-BFGS(L)": (0.03, 0.3),
-                  "K-BFGS-20": (0.01, 0.1), "K-BFGS(L)-20": (0.003, 0.1), "KFAC": (0.3, 10),
-                  "Adam": (1e-4, 1e-4), "SGD-m": (0.003, None)}, "bernoulli"),
-    "faces": _ae({"K-BFGS": (0.03, 1), "K-BFGS-T20": (0.03, 3), "K-BFGS(L)": (0.03, 1),
-                  "K-BFGS-20": (0.01, 0.3), "K-BFGS(L)-20": (0.01, 0.3), "KFAC": (0.03, 0.1),
-                  "Adam": (1e-4, 1e-4), "SGD-m": (0.001, None)}, "gaussian"),
-    "curves": _ae({"K-BFGS": (0.03, 0.3), "K-BFGS-T20": (0.3, 30), "K-BFGS(L)": (0.1, 3),
-                   "K-BFGS-20": (0.01, 0.03), "K-BFGS(L)-20": (0.003, 0.03), "KFAC": (0.3, 10),
-                   "Adam": (1e-3, 1e-3), "SGD-m": (0.003, None)}, "bernoulli"),
-    "vgg16-cifar10": _cnn({"K-BFGS": (30, 1e-5, 1e4), "K-BFGS(L)": (1, 1e-3, 100),
-                           "KFAC": (0.01, 0.1, 10), "Adam": (0.003, 0.1, 0.1),
-                           "SGD-m": (0.003, 0.1, None)}),
-    "resnet32-cifar10": _cnn({"K-BFGS": (100, 1e-5, 1e3), "K-BFGS(L)": (1e3, 1e-6, 1e4),
-                              "KFAC": (0.01, 0.1, 0.01), "Adam": (0.003, 0.1, 0.01),
-                              "SGD-m": (0.03, 0.01, None)}),
-    "vgg16-cifar100": _cnn({"K-BFGS": (0.1, 0.01, 10), "K-BFGS(L)": (0.3, 0.001, 100),
-                            "KFAC": (0.01, 0.1, 1), "Adam": (3e-4, 1, 0.01),
-                            "SGD-m": (0.003, 0.1, None)}),
-    "resnet32-cifar100": _cnn({"K-BFGS": (1e3, 1e-6, 1e4), "K-BFGS(L)": (10, 1e-4, 100),
-                               "KFAC": (0.01, 0.1, 0.001), "Adam": (0.01, 0.1, 0.01),
-                               "SGD-m": (0.03, 0.01, None)}),
-}

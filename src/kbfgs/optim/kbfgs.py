@@ -10,7 +10,7 @@ vectors), the vectors from ``kbfgs.capture`` (hooks that exist only during a cur
 from __future__ import annotations
 
 import contextlib
-import copy
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from typing import Any, Callable
 
@@ -18,9 +18,15 @@ import torch
 from torch import Tensor, nn
 
 from .. import distributed, linalg
-from ..capture import KroneckerLayer, LayerRecord, reduce_kbfgs_records
+from ..capture import KroneckerLayer, LayerRecord, autocast_off, reduce_kbfgs_records
 from ..layers import damping_split as _damping_split
-from .base import KroneckerOptimizer, aligned_copy, two_sided_product
+from .base import (
+    DEFAULT_MAX_FACTOR_DIM,
+    KroneckerOptimizer,
+    aligned_copy,
+    layer_fields_from_dict,
+    two_sided_product,
+)
 from .validation import check_choice, check_int, check_number
 
 __all__ = [
@@ -32,6 +38,7 @@ __all__ = [
     "average_pair",
     "lbfgs_push",
     "mask_pair",
+    "rounding_level_pair",
     "y_A_minibatch",
     "y_A_moving_average",
 ]
@@ -97,6 +104,25 @@ DAMPING_RULES: dict[str, Callable[..., tuple[Tensor, Tensor, Tensor]]] = {
 }
 
 
+#: ``y_G`` is at rounding level when ``||y_G||_1 <= ROUNDING_EPS * eps * scale`` (``eps`` of the
+#: curvature dtype, ``scale`` the moving average of ``E_n[mean_t |Dh_t|]`` summed over outputs)
+ROUNDING_EPS = 16.0
+
+
+def rounding_level_pair(y_G: Tensor, Dh_scale: Tensor) -> Tensor:
+    """Whether ``y_G`` is rounding noise (0-dim bool): ``||y_G||_1 <= 16 eps * Dh_scale``.
+
+    A layer whose output feeds a BatchNorm (in training mode) has ``Dh_bar = 0`` in exact
+    arithmetic (the normalisation removes every per-channel shift), so ``y_G = 0`` and, from
+    ``H_G = I / lambda_G``, D_P D_LM forms the pair ``(s_G, lambda_G s_G)`` that leaves ``H_G``
+    unchanged. In floating point ``Dh_bar`` is rounding noise of about ``eps`` times the sum of
+    ``|Dh|`` (measured: 0.1 eps), which would move ``H_G`` by O(1) in random directions; such
+    a pair is skipped (``stats()["layers"][name]["skipped_G_rounding"]``), as exact arithmetic
+    does. Pairs of other layers are many orders of magnitude above this level."""
+    eps = torch.finfo(y_G.dtype).eps
+    return torch.linalg.vector_norm(y_G, 1) <= (ROUNDING_EPS * eps) * Dh_scale
+
+
 def mask_pair(s: Tensor, y: Tensor, finite: Tensor) -> tuple[Tensor, Tensor]:
     """The pair itself, or zeros when ``finite`` is false: a non-finite extra pass forms no
     pair (the zero pair is then rejected by the update and counted as skipped)."""
@@ -139,6 +165,11 @@ class KBFGSLayerState:
     theta: Tensor
     #: the moving average of A (``hessian_action="moving_average"`` only), ``(cols, cols)``
     A: Tensor | None = None
+    #: pairs of H_G skipped because ``y_G`` was at rounding level (:func:`rounding_level_pair`)
+    skipped_G_rounding: Tensor | None = None
+    #: moving average (line 19's beta) of the scale of ``Dh`` (``E_n[mean_t |Dh_t|]`` summed
+    #: over the outputs, both passes): what ``y_G`` is compared with
+    Dh_scale: Tensor | None = None
 
     #: fields not saved by :meth:`to_state_dict`
     _transient = ()
@@ -149,15 +180,25 @@ class KBFGSLayerState:
                 if f.name not in self._transient and getattr(self, f.name) is not None}
 
     @classmethod
-    def from_state_dict(cls, d: dict[str, Any], device: torch.device) -> KBFGSLayerState:
-        """The inverse of :meth:`to_state_dict`: tensors copied to ``device`` with aligned rows."""
-        names = {f.name for f in fields(cls)} - set(cls._transient)
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"{cls.__name__}: unknown keys in the saved layer state: "
-                             f"{sorted(unknown)}")
-        return cls(**{k: (aligned_copy(v.detach().to(device)) if isinstance(v, Tensor)
-                          else copy.deepcopy(v)) for k, v in d.items()})
+    def shapes(cls, rows: int, cols: int) -> dict[str, tuple[int | None, ...]]:
+        """The shape of each tensor field for a layer whose ``W`` is ``rows x cols``."""
+        return {"buf": (rows, cols), "H_A": (cols, cols), "s_G": (rows,), "y_G": (rows,),
+                "skipped_A": (), "skipped_G": (), "theta": (), "A": (cols, cols),
+                "skipped_G_rounding": (), "Dh_scale": ()}
+
+    @classmethod
+    def from_state_dict(cls, d: dict[str, Any], device: torch.device, *, layer: str = "?",
+                        rows: int | None = None, cols: int | None = None,
+                        dtype: torch.dtype | None = None,
+                        param_dtype: torch.dtype | None = None) -> KBFGSLayerState:
+        """The inverse of :meth:`to_state_dict`, validated: every key present, none unknown,
+        and (given ``rows``, ``cols``) every shape; a mismatch is a ValueError naming ``layer``.
+        Tensors are copied to ``device`` with aligned rows, floating ones cast to ``dtype``
+        (the momentum ``buf`` to ``param_dtype``) when given."""
+        shapes = {} if rows is None or cols is None else cls.shapes(rows, cols)
+        return cls(**layer_fields_from_dict(cls, d, layer=layer, shapes=shapes, device=device,
+                                            dtype=dtype, param_dtype=param_dtype,
+                                            transient=cls._transient))
 
 
 @dataclass(kw_only=True)
@@ -165,6 +206,10 @@ class DenseLayerState(KBFGSLayerState):
     """K-BFGS: ``H_G`` dense, ``(rows, rows)``."""
 
     H_G: Tensor
+
+    @classmethod
+    def shapes(cls, rows: int, cols: int) -> dict[str, tuple[int | None, ...]]:
+        return {**super().shapes(rows, cols), "H_G": (rows, rows)}
 
 
 @dataclass(kw_only=True)
@@ -177,6 +222,10 @@ class LimitedLayerState(KBFGSLayerState):
     lbfgs: tuple[Tensor, Tensor, float] | None = None
 
     _transient = ("lbfgs",)
+
+    @classmethod
+    def shapes(cls, rows: int, cols: int) -> dict[str, tuple[int | None, ...]]:
+        return {**super().shapes(rows, cols), "S": (rows, None), "Y": (rows, None)}
 
 
 class KBFGS(KroneckerOptimizer):
@@ -202,7 +251,15 @@ class KBFGS(KroneckerOptimizer):
         mu1: Powell damping constant (0.2).
         beta: decay of the moving averages of s_G, y_G (and of A for ``moving_average``) (0.9).
         check_finite: skip a step whose loss or gradient is not finite (one host sync a step).
+        skip_layers: module names (a name covers the modules below it) and/or module types
+            whose Linear / Conv2d layers are not Kronecker layers but other parameters.
+        max_factor_dim: size guard: a layer whose dense curvature factor would have more rows
+            than this (H_A or H_G, K-BFGS(L): H_A only; KFAC: Omega or Gamma) is updated as
+            other parameters, with a warning stating the memory it would need (default 8192;
+            ``None``: no limit). ``memory_usage()`` gives the bytes of state by part.
     """
+
+    _kind = "KBFGS"
 
     def __init__(
         self,
@@ -221,6 +278,9 @@ class KBFGS(KroneckerOptimizer):
         mu1: float = 0.2,
         beta: float = 0.9,
         check_finite: bool = True,
+        skip_layers: Iterable[str | type[nn.Module]] | None = None,
+        max_factor_dim: int | None = DEFAULT_MAX_FACTOR_DIM,
+        grad_scaler: Any = None,
     ) -> None:
         check_int("history", history, 1, allow_none=True)
         check_choice("damping_rule", damping_rule, DAMPING_RULES)
@@ -241,6 +301,9 @@ class KBFGS(KroneckerOptimizer):
             update_freq_name="update_freq",
             loss_reduction=loss_reduction,
             check_finite=check_finite,
+            skip_layers=skip_layers,
+            max_factor_dim=max_factor_dim,
+            grad_scaler=grad_scaler,
         )
         for layer in self.layers:  # conv layers with the spatial split are checked at first use
             if not (layer.helper.is_conv and damping_split == "spatial"):
@@ -262,7 +325,8 @@ class KBFGS(KroneckerOptimizer):
         computes the batch-mean loss, calls ``backward`` and returns the loss. On curvature
         iterations (k % update_freq == 0) it is called a second time on the same minibatch
         after the parameter update (same random numbers, no parameter gradients, module buffers
-        restored). Returns the loss of the first call."""
+        restored; ``in_extra_pass`` is True during that call). Returns the loss of the first
+        call. A bad value in ``param_groups`` raises ValueError before anything changes."""
         closure = self._require_closure(closure)
         k = self.steps + 1
         curvature = k % self.update_freq == 0
@@ -280,25 +344,52 @@ class KBFGS(KroneckerOptimizer):
                 ctx = contextlib.nullcontext({})
             with ctx as pre:
                 loss = closure()
-        if self.check_finite and not self._all_finite(loss):
+        if not self._accept(loss):  # grad_scaler: unscaled here
             for name in set(self.layer_state) - known:  # created lazily in this pass
                 del self.layer_state[name]
             return self._skip_step(loss)
         self._take_step(pre, k)  # lines 7-11
         if curvature and self.layers:
             with self.phases("extra_pass"):  # line 13
-                with self._extra_pass(), self.capture.kbfgs_post() as post:
+                with self._extra_pass(runs_closure=True), self.capture.kbfgs_post() as post:
                     closure()
                 self._check_records(post)
-            with self.phases("curvature"), torch.no_grad():  # lines 14-22
+            with self.phases("curvature"), torch.no_grad(), autocast_off():  # lines 14-22
+                self._unscale_records(pre, post)
                 reduce_kbfgs_records(pre, post, group)
                 self._curvature_update(pre, post)
             self.curvature_updates += 1
+        self._scaler_update()
         return loss
+
+    def _unscale_records(self, pre: dict[str, LayerRecord], post: dict[str, LayerRecord]
+                         ) -> None:
+        """With a ``grad_scaler``, both passes back-propagated the scaled loss: divide ``Dh_bar``
+        (and its scale) by the loss scale of this step."""
+        for recs in (pre, post):
+            for r in recs.values():
+                if r.Dh_bar is None:
+                    continue
+                inv = self._inv_scale(r.Dh_bar.dtype)
+                if inv is None:
+                    return
+                r.Dh_bar = r.Dh_bar * inv
+                if r.Dh_scale is not None:
+                    r.Dh_scale = r.Dh_scale * inv
 
     # ------------------------------------------------------------------ layer state
     def _other_lr_scale(self, group: dict) -> float:
         return 1.0 / group["damping"]
+
+    def _factor_dims(self, rows: int, cols: int) -> tuple[int, ...]:
+        """H_A (and H_G when dense; K-BFGS(L) keeps ``2 * history`` vectors of ``rows``)."""
+        return (cols,) if self.history is not None else (cols, rows)
+
+    def _curvature_bytes(self, rows: int, cols: int, itemsize: int) -> int:
+        n = cols * cols + (rows * rows if self.history is None else 2 * rows * self.history)
+        if self.hessian_action == "moving_average":
+            n += cols * cols  # the moving average of A
+        return n * itemsize
 
     def _lambdas(self, layer: KroneckerLayer, locations: int) -> tuple[float, float]:
         """Algorithm 2 line 2: ``(lambda_A, lambda_G)`` of a layer."""
@@ -335,6 +426,8 @@ class KBFGS(KroneckerOptimizer):
             "y_G": torch.zeros(rows, dtype=dtype, device=device),
             "skipped_A": torch.zeros((), dtype=torch.int64, device=device),
             "skipped_G": torch.zeros((), dtype=torch.int64, device=device),
+            "skipped_G_rounding": torch.zeros((), dtype=torch.int64, device=device),
+            "Dh_scale": torch.zeros((), dtype=dtype, device=device),
             "theta": torch.ones((), dtype=dtype, device=device),
             "A": A,
         }
@@ -347,9 +440,44 @@ class KBFGS(KroneckerOptimizer):
         self.layer_state[layer.name] = st
         return st
 
-    def _layer_state_from_dict(self, d: dict[str, Any], device: torch.device) -> KBFGSLayerState:
+    def _layer_state_from_dict(self, d: dict[str, Any], layer: KroneckerLayer) -> KBFGSLayerState:
         cls = DenseLayerState if self.history is None else LimitedLayerState
-        return cls.from_state_dict(d, device)
+        st = cls.from_state_dict(d, layer.module.weight.device, **self._layer_load_args(layer))
+        if self.hessian_action == "moving_average" and st.A is None:
+            raise ValueError(f"the saved state of layer '{layer.name}' lacks the key 'A' (the "
+                             "moving average of A): it was saved with another hessian_action "
+                             "than 'moving_average'")
+        if self.hessian_action != "moving_average":
+            st.A = None
+        if isinstance(st, LimitedLayerState) and st.S.shape[1] > self.history:
+            st.S, st.Y = st.S[:, -self.history:].contiguous(), st.Y[:, -self.history:].contiguous()
+        return st
+
+    def _check_saved_kind(self, extra: dict[str, Any]) -> None:
+        """K-BFGS state only, and dense (``history=None``) vs L-BFGS as this optimizer."""
+        super()._check_saved_kind(extra)
+        layers = extra["layers"] if isinstance(extra["layers"], dict) else {}
+        saved_limited = None
+        if "history" in extra:
+            saved_limited = extra["history"] is not None
+        else:
+            for st in layers.values():
+                if isinstance(st, dict) and ("S" in st or "H_G" in st):
+                    saved_limited = "S" in st
+                    break
+        if saved_limited is None or saved_limited == (self.history is not None):
+            return
+
+        def name(limited: bool) -> str:
+            return ("K-BFGS(L) (L-BFGS pairs for H_G, history set)" if limited else
+                    "K-BFGS (dense H_G, history=None)")
+        raise ValueError(f"state_dict was saved by {name(saved_limited)}, but this optimizer is "
+                         f"{name(self.history is not None)}: build it with the same history")
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["kronecker"]["history"] = self.history
+        return sd
 
     # ------------------------------------------------------------------ the step
     def _precondition(self, layer: KroneckerLayer, st: KBFGSLayerState) -> Tensor:
@@ -398,6 +526,19 @@ class KBFGS(KroneckerOptimizer):
         _, ok = linalg.bfgs_update(st.H_A, r0.s_A, y_A, inplace=True)
         st.skipped_A += (~ok).long()
 
+    def _rounding_level(self, st: KBFGSLayerState, r0: LayerRecord, r1: LayerRecord,
+                        finite: Tensor) -> Tensor:
+        """Updates the moving average ``st.Dh_scale`` (kept when the pair is not finite) and
+        returns whether ``y_G`` is at rounding level against it (0-dim bool, no host sync)."""
+        if st.Dh_scale is None:  # a state saved before the counter existed
+            st.Dh_scale = torch.zeros_like(st.theta)
+            st.skipped_G_rounding = torch.zeros_like(st.skipped_G)
+        if r0.Dh_scale is None or r1.Dh_scale is None:
+            return torch.zeros((), dtype=torch.bool, device=st.y_G.device)
+        new = self.beta * st.Dh_scale + (1.0 - self.beta) * (r0.Dh_scale + r1.Dh_scale)
+        st.Dh_scale = torch.where(finite, new.to(st.Dh_scale.dtype), st.Dh_scale)
+        return rounding_level_pair(st.y_G, st.Dh_scale)
+
     def _curvature_update(self, pre: dict[str, LayerRecord], post: dict[str, LayerRecord]) -> None:
         """Lines 14-22 for every layer recorded in both passes."""
         pending = []
@@ -413,15 +554,21 @@ class KBFGS(KroneckerOptimizer):
                                                r0.Dh_bar, r1.Dh_bar, self.beta)
             s_t, y_t, st.theta = DAMPING_RULES[self.damping_rule](  # line 20
                 st.s_G, st.y_G, self._H_G_operator(layer, st), self.mu1, lam_G)
-            s_t, y_t = mask_pair(s_t, y_t, fin)
+            rounding = self._rounding_level(st, r0, r1, fin)
+            s_t, y_t = mask_pair(s_t, y_t, fin & ~rounding)
             if isinstance(st, DenseLayerState):  # line 21, BFGS
                 _, ok = linalg.bfgs_update(st.H_G, s_t, y_t, inplace=True)
-                st.skipped_G += (~ok).long()
+                st.skipped_G += (~ok & ~rounding).long()
+                st.skipped_G_rounding += rounding.long()
             else:
-                pending.append((st, s_t, y_t, linalg.pair_is_valid(s_t, y_t)))
+                pending.append((st, s_t, y_t,
+                                torch.stack([linalg.pair_is_valid(s_t, y_t), rounding])))
         if pending:  # line 21, L-BFGS: the pair list changes shape, one host sync for all layers
-            oks = torch.stack([p[3] for p in pending]).tolist()
-            for (st, s_t, y_t, _), ok in zip(pending, oks):
+            flags = torch.stack([p[3] for p in pending]).tolist()
+            for (st, s_t, y_t, _), (ok, rounding) in zip(pending, flags):
+                if rounding:
+                    st.skipped_G_rounding += 1
+                    continue
                 if not ok:
                     st.skipped_G += 1
                     continue
@@ -434,6 +581,7 @@ class KBFGS(KroneckerOptimizer):
         out: dict[str, Any] = {
             "skipped_A": int(st.skipped_A),
             "skipped_G": int(st.skipped_G),
+            "skipped_G_rounding": 0 if st.skipped_G_rounding is None else int(st.skipped_G_rounding),
             "theta": float(st.theta),
         }
         if isinstance(st, LimitedLayerState):

@@ -19,7 +19,6 @@ the hooks of the factor pass are ``kbfgs.capture`` (``Capture.kfac_factors``), t
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import math
 from collections import defaultdict
@@ -32,8 +31,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import distributed, linalg
-from ..capture import KroneckerLayer, LayerRecord, replay_autocast
-from .base import KroneckerOptimizer, aligned_copy, two_sided_product, unwrap_model
+from ..capture import KroneckerLayer, LayerRecord, autocast_off, replay_autocast
+from .base import (
+    DEFAULT_MAX_FACTOR_DIM,
+    KroneckerOptimizer,
+    _rng_state,
+    _set_rng_state,
+    aligned_copy,
+    check_finite_statistics,
+    layer_fields_from_dict,
+    two_sided_product,
+    unwrap_model,
+    warm_start_input,
+)
 from .validation import check_choice, check_int, check_number
 
 __all__ = [
@@ -193,14 +203,23 @@ class KFACLayerState:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @classmethod
-    def from_state_dict(cls, d: dict[str, Any], device: torch.device) -> KFACLayerState:
-        """The inverse of :meth:`to_state_dict`: tensors copied to ``device`` with aligned rows."""
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"KFACLayerState: unknown keys in the saved layer state: "
-                             f"{sorted(unknown)}")
-        return cls(**{k: (aligned_copy(v.detach().to(device)) if isinstance(v, Tensor)
-                          else copy.deepcopy(v)) for k, v in d.items()})
+    def shapes(cls, rows: int, cols: int) -> dict[str, tuple[int | None, ...]]:
+        """The shape of each tensor field for a layer whose ``W`` is ``rows x cols``."""
+        return {"buf": (rows, cols), "Omega": (cols, cols), "Gamma": (rows, rows),
+                "H_Omega": (cols, cols), "H_Gamma": (rows, rows), "pi": ()}
+
+    @classmethod
+    def from_state_dict(cls, d: dict[str, Any], device: torch.device, *, layer: str = "?",
+                        rows: int | None = None, cols: int | None = None,
+                        dtype: torch.dtype | None = None,
+                        param_dtype: torch.dtype | None = None) -> KFACLayerState:
+        """The inverse of :meth:`to_state_dict`, validated: every tensor key present (the
+        counters default to 0), none unknown, and (given ``rows``, ``cols``) every shape; a
+        mismatch is a ValueError naming ``layer``. Tensors are copied to ``device`` with
+        aligned rows, floating ones cast to ``dtype`` (``buf`` to ``param_dtype``) when given."""
+        shapes = {} if rows is None or cols is None else cls.shapes(rows, cols)
+        return cls(**layer_fields_from_dict(cls, d, layer=layer, shapes=shapes, device=device,
+                                            dtype=dtype, param_dtype=param_dtype))
 
 
 class KFAC(KroneckerOptimizer):
@@ -230,6 +249,12 @@ class KFAC(KroneckerOptimizer):
         seed: seeds the draws of the sampled targets (see :func:`sampling_seed`: the generator of
             step k is seeded from ``(seed, "step", k, rank)``, so a resumed run is exact).
         check_finite: skip a step whose loss or gradient is not finite (one host sync a step).
+        skip_layers: module names (a name covers the modules below it) and/or module types
+            whose Linear / Conv2d layers are not Kronecker layers but other parameters.
+        max_factor_dim: size guard: a layer whose dense curvature factor would have more rows
+            than this (H_A or H_G, K-BFGS(L): H_A only; KFAC: Omega or Gamma) is updated as
+            other parameters, with a warning stating the memory it would need (default 8192;
+            ``None``: no limit). ``memory_usage()`` gives the bytes of state by part.
 
     What the closure must provide: nothing beyond the usual closure of every optimizer in this
     package (zero the gradients, run the forward pass, compute the batch-mean loss, call
@@ -268,6 +293,8 @@ class KFAC(KroneckerOptimizer):
     minibatch) instead of averaging them with zeros; later passes use the moving average.
     """
 
+    _kind = "KFAC"
+
     def __init__(
         self,
         model: nn.Module,
@@ -283,6 +310,9 @@ class KFAC(KroneckerOptimizer):
         beta: float = 0.9,
         seed: int = 0,
         check_finite: bool = True,
+        skip_layers: Iterable[str | type[nn.Module]] | None = None,
+        max_factor_dim: int | None = DEFAULT_MAX_FACTOR_DIM,
+        grad_scaler: Any = None,
     ) -> None:
         check_int("inv_freq", inv_freq, 1)
         check_choice("likelihood", likelihood, LIKELIHOODS)
@@ -299,12 +329,19 @@ class KFAC(KroneckerOptimizer):
             update_freq_name="stat_freq",
             loss_reduction=loss_reduction,
             check_finite=check_finite,
+            skip_layers=skip_layers,
+            max_factor_dim=max_factor_dim,
+            grad_scaler=grad_scaler,
         )
         self.inverse_updates = 0
 
     @property
     def stat_freq(self) -> int:
         return self.update_freq
+
+    def _curvature_bytes(self, rows: int, cols: int, itemsize: int) -> int:
+        """Omega, Gamma and their damped inverses."""
+        return 2 * (cols * cols + rows * rows) * itemsize
 
     # ------------------------------------------------------------------ step
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
@@ -329,7 +366,7 @@ class KFAC(KroneckerOptimizer):
         probing = self.capture.probe() if first else contextlib.nullcontext({})
         with self.phases("forward_backward"), recording as call, probing as pre:
             loss = closure()
-        if self.check_finite and not self._all_finite(loss):
+        if not self._accept(loss):  # grad_scaler: unscaled here
             return self._skip_step(loss)
         if record_call and "args" not in call:
             raise RuntimeError(
@@ -342,14 +379,16 @@ class KFAC(KroneckerOptimizer):
         if record_call:
             with self.phases("extra_pass"):  # lines 11-13
                 with self._extra_pass(), replay_autocast(call["autocast"]):
-                    records = self._factor_pass(lambda: inner(*call["args"], **call["kwargs"]),
-                                                "step", k)
+                    runs = [lambda a=a, kw=kw: inner(*a, **kw) for a, kw in call["calls"]]
+                    records = self._factor_pass(runs, "step", k)
                 call.clear()
-            with self.phases("curvature"):  # line 14
+            with self.phases("curvature"), autocast_off():  # line 14
+                self._demote_uncalled(records)  # the replayed call ran the same modules
                 self._update_factors(records)
         if do_inv and self.layers:
-            with self.phases("inverse"):  # lines 17-21
+            with self.phases("inverse"), autocast_off():  # lines 17-21
                 self._update_inverses()
+        self._scaler_update()
         return loss
 
     # ------------------------------------------------------------------ factor pass
@@ -358,11 +397,16 @@ class KFAC(KroneckerOptimizer):
         group = distributed.process_group(self.model)
         return 0 if group is None else distributed.rank(group)
 
-    def _factor_pass(self, run: Callable[[], Any], stream: str, index: int
-                     ) -> dict[str, LayerRecord]:
+    def _factor_pass(self, run: Callable[[], Any] | list[Callable[[], Any]], stream: str,
+                     index: int) -> dict[str, LayerRecord]:
         """Run ``run()`` (a forward pass of the model) under ``Capture.kfac_factors``, draw
         targets from its output and back-propagate the sampled loss to the layer outputs;
-        returns the minibatch factors per layer (``A`` = Omega, ``G`` = Gamma)."""
+        returns the minibatch factors per layer (``A`` = Omega, ``G`` = Gamma). A list of
+        several runs (the micro-batches of the closure) goes to :meth:`_micro_factor_pass`."""
+        runs = run if isinstance(run, list) else [run]
+        if len(runs) > 1:
+            return self._micro_factor_pass(runs, stream, index)
+        run = runs[0]
         with self.capture.kfac_factors() as records, torch.enable_grad():
             out = run()
             if not isinstance(out, Tensor):
@@ -372,6 +416,40 @@ class KFAC(KroneckerOptimizer):
             target = sample_targets(out, self.likelihood, gen)
             loss = sampled_loss(out, target, self.likelihood, self.loss_reduction)
             self.capture.backward(loss, records)
+        return records
+
+    def _micro_factor_pass(self, runs: list[Callable[[], Any]], stream: str, index: int
+                           ) -> dict[str, LayerRecord]:
+        """The factor pass of a closure that accumulated gradients over micro-batches: the
+        factors of the whole batch, as the one-batch pass would form them.
+
+        The targets are drawn once for the concatenated output of all micro-batches (a forward
+        pass of each without a graph), with the generator of the one-batch pass, so they are
+        the one-batch draw; then each micro-batch runs forward and backward with its share
+        ``m_j / m`` of the sampled batch loss (same random numbers again), and the capture
+        combines the micro-batches as samples. Cost: one more forward pass without a graph
+        per micro-batch; memory: one micro-batch's graph at a time."""
+        rng = _rng_state(self._rng_devices())
+        with torch.no_grad():
+            outs = [r() for r in runs]
+        for o in outs:
+            if not isinstance(o, Tensor):
+                raise _output_type_error(type(o).__name__)
+        sizes = [o.shape[0] for o in outs]
+        out = torch.cat(outs)
+        del outs
+        gen = torch.Generator(device=out.device)
+        gen.manual_seed(sampling_seed(self.seed, stream, index, self._rank()))
+        targets = sample_targets(out, self.likelihood, gen).split(sizes)
+        del out
+        total = sum(sizes)
+        _set_rng_state(rng)
+        with self.capture.kfac_factors() as records, torch.enable_grad():
+            for r, target, m in zip(runs, targets, sizes):
+                loss = sampled_loss(r(), target, self.likelihood, self.loss_reduction)
+                if self.loss_reduction == "mean":
+                    loss = loss * (m / total)
+                self.capture.backward(loss, records)
         return records
 
     def _reduce_across_ranks(self, tensors: list[Tensor], op: str) -> None:
@@ -455,8 +533,9 @@ class KFAC(KroneckerOptimizer):
         self.layer_state[layer.name] = st
         return st
 
-    def _layer_state_from_dict(self, d: dict[str, Any], device: torch.device) -> KFACLayerState:
-        return KFACLayerState.from_state_dict(d, device)
+    def _layer_state_from_dict(self, d: dict[str, Any], layer: KroneckerLayer) -> KFACLayerState:
+        return KFACLayerState.from_state_dict(d, layer.module.weight.device,
+                                              **self._layer_load_args(layer))
 
     def _precondition(self, layer: KroneckerLayer, st: KFACLayerState) -> Tensor:
         """Line 8: ``p = H_Gamma BUF H_Omega``."""
@@ -485,11 +564,7 @@ class KFAC(KroneckerOptimizer):
         device = next(iter(self.param_groups[0]["params"])).device
         try:
             for i, batch in enumerate(inputs):
-                x = batch[0] if isinstance(batch, (tuple, list)) else batch
-                if not isinstance(x, Tensor):
-                    raise TypeError("warm_start expects an iterable of tensors or (input, ...) "
-                                    f"tuples, got an element of type {type(x).__name__}")
-                x = x.to(device)
+                x = warm_start_input(batch, i).to(device)
                 records = self._factor_pass(lambda x=x: inner(x), "warm", i)
                 self._check_records(records)
                 for name, r in records.items():
@@ -513,11 +588,11 @@ class KFAC(KroneckerOptimizer):
         self._reduce_across_ranks([t for n in names for t in sums[n]] + [counts], "sum")
         damping = self.param_groups[0]["damping"]
         with torch.no_grad():
-            for layer, c in zip([ly for ly in self.layers if ly.name in sums], counts.tolist()):
-                Omega, Gamma = (t / c for t in sums[layer.name])
-                if not (torch.isfinite(Omega).all() and torch.isfinite(Gamma).all()):
-                    raise ValueError(f"warm_start: non-finite Omega or Gamma for layer "
-                                     f"'{layer.name}' (check the inputs and the model output)")
+            factors = {n: [t / c for t in sums[n]] for n, c in zip(names, counts.tolist())}
+            check_finite_statistics({n: f[0] for n, f in factors.items()}, "Omega")
+            check_finite_statistics({n: f[1] for n, f in factors.items()}, "Gamma")
+            for layer in [ly for ly in self.layers if ly.name in factors]:
+                Omega, Gamma = factors[layer.name]
                 st = self._init_layer(layer, locations[layer.name])
                 st.Omega, st.Gamma = Omega, Gamma
                 st.warm = 1

@@ -10,7 +10,8 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["check_choice", "check_common", "check_int", "check_number", "is_int"]
+__all__ = ["check_choice", "check_common", "check_int", "check_number", "check_param_groups",
+           "is_int"]
 
 
 def is_int(value: Any) -> bool:
@@ -58,9 +59,25 @@ def check_choice(name: str, value: Any, choices: Iterable[str]) -> None:
 
 
 def check_common(defaults: dict[str, Any]) -> None:
-    """The hyper-parameters every Kronecker optimizer has: ``lr >= 0``, ``damping > 0``,
-    ``momentum`` in [0, 1), ``weight_decay >= 0``."""
-    check_number("lr", defaults["lr"], 0.0)
+    """The hyper-parameters every Kronecker optimizer has, at construction: finite ``lr > 0``,
+    ``damping > 0``, ``momentum`` in [0, 1), ``weight_decay >= 0``."""
+    check_number("lr", defaults["lr"], 0.0, strict=True)
     check_number("damping", defaults["damping"], 0.0, strict=True)
     check_number("momentum", defaults["momentum"], 0.0, high=1.0)
     check_number("weight_decay", defaults["weight_decay"], 0.0)
+
+
+def check_param_groups(groups: Iterable[dict[str, Any]]) -> None:
+    """The same checks on the values of ``param_groups`` before a step (a value set after
+    construction, e.g. by a scheduler); Python numbers only, no host sync. ``lr = 0`` is
+    accepted here (a warm-up schedule starting from zero), a negative or non-finite one is not."""
+    for i, group in enumerate(groups):
+        where = f"param_groups[{i}]"
+        try:
+            check_number(f"{where}['lr']", group["lr"], 0.0)
+            check_number(f"{where}['damping']", group["damping"], 0.0, strict=True)
+            check_number(f"{where}['momentum']", group["momentum"], 0.0, high=1.0)
+            check_number(f"{where}['weight_decay']", group["weight_decay"], 0.0)
+        except ValueError as err:
+            raise ValueError(f"{err} (set after construction; the step was not taken and "
+                             "nothing was changed)") from None
