@@ -10,9 +10,11 @@ import os
 import platform
 import statistics
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -33,8 +35,9 @@ class ShapeProblem:
     quick_batch: int
     likelihood: str  # KFAC's sampling distribution
 
-    def build(self, quick: bool, device: torch.device, seed: int = 0,
-              batch: int | None = None) -> tuple[Callable[[], nn.Module], Tensor, Tensor, Callable[[Tensor, Tensor], Tensor]]:
+    def build(self, quick: bool, device: torch.device, seed: int = 0, batch: int | None = None
+              ) -> tuple[Callable[[], nn.Module], Tensor, Tensor,
+                         Callable[[Tensor, Tensor], Tensor]]:
         """(model factory, inputs, targets, batch-mean loss) on ``device``."""
         from kbfgs.experiments import models
 
@@ -48,15 +51,15 @@ class ShapeProblem:
         elif self.name == "tiny-ae":  # smoke tests only
             x = torch.rand(m, 64, generator=g)
             y = x
-            factory = lambda: models.autoencoder((64, 32, 8, 32, 64))
+            factory = partial(models.autoencoder, (64, 32, 8, 32, 64))
             loss = bce_sum_mean
         elif self.name in ("resnet32", "vgg16"):
             x = torch.randn(m, 3, 32, 32, generator=g)
             y = torch.randint(0, 10, (m,), generator=g)
             if self.name == "resnet32":
-                factory = lambda: models.resnet32(3, 10)
+                factory = partial(models.resnet32, 3, 10)
             else:
-                factory = lambda: models.vgg16_bn(3, 10, 32)
+                factory = partial(models.vgg16_bn, 3, 10, 32)
             loss = F.cross_entropy
         else:  # pragma: no cover - guarded by PROBLEMS
             raise ValueError(self.name)
@@ -140,7 +143,8 @@ METHODS: dict[str, Method] = {m.label: m for m in [
 #: short command-line aliases
 ALIASES = {
     "kbfgs": "kbfgs(T=1)", "kbfgs-t1": "kbfgs(T=1)", "kbfgs-t20": "kbfgs(T=20)",
-    "kbfgs-l": "kbfgs-l(T=20)", "kbfgs-l1": "kbfgs-l(T=1)", "kbfgs-l-t20": "kbfgs-l(T=20)", "kbfgs-20": "kbfgs-20(T=1)",
+    "kbfgs-l": "kbfgs-l(T=20)", "kbfgs-l1": "kbfgs-l(T=1)", "kbfgs-l-t20": "kbfgs-l(T=20)",
+    "kbfgs-20": "kbfgs-20(T=1)",
     "kfac": "kfac(1,20)", "kfac-1-20": "kfac(1,20)", "kfac-10-100": "kfac(10,100)",
 }
 
@@ -383,8 +387,10 @@ def markdown_step_time(path: str) -> str:
         peak = (f"{pk['peak_bytes'] / 2**20:.1f} ({pk.get('peak_ratio', float('nan')):.2f})"
                 if "peak_bytes" in pk else "-")
         lines.append(
-            f"| {lab} | {v['per_step']['median'] * 1e3:.1f} | {_fmt_spread(v['ratio'].get('sgd-m'))} "
-            f"| {b['fwd_bwd'] * 1e3:.1f} | {b['extra_pass'] * 1e3:.1f} | {b['curvature'] * 1e3:.1f} "
+            f"| {lab} | {v['per_step']['median'] * 1e3:.1f} "
+            f"| {_fmt_spread(v['ratio'].get('sgd-m'))} "
+            f"| {b['fwd_bwd'] * 1e3:.1f} | {b['extra_pass'] * 1e3:.1f} "
+            f"| {b['curvature'] * 1e3:.1f} "
             f"| {b['precondition'] * 1e3:.1f} | {b['other'] * 1e3:.1f} "
             f"| {v['state_bytes'] / 2**20:.2f} ({v['state_ratio']:.2f}) | {peak} |")
     extra = []

@@ -8,8 +8,8 @@ so a part made of many small operators is launch-bound there however little arit
 This script counts the non-view calls that reach the ATen dispatcher (``TorchDispatchMode``,
 so autograd's backward operators are counted too; views such as slice or reshape launch
 nothing and are not counted) over one window of iterations after a warm-up
-window, on CPU with a small batch and a tiny learning rate (the count depends on neither), and splits
-them by part with the optimizer's own phases (``opt.phases.current``: curvature update and
+window, on CPU with a small batch and a tiny learning rate (the count depends on neither), and
+splits them by part with the optimizer's own phases (``opt.phases.current``: curvature update and
 inverses, preconditioned update, non-finite check; the rest is the closures, i.e. the
 forward-backward passes and hooks).
 It prints the counts per iteration and writes ``bench/results/op_count-<problem>.json``.
@@ -26,10 +26,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-import common  # noqa: E402
+import common
 
 #: optimizer phases (``opt.phases.current``, kbfgs.optim.phases) counted as a part; the calls
 #: outside these phases (the closures: forward-backward passes and hooks) are "closure"
@@ -43,7 +43,7 @@ class _Counter(TorchDispatchMode):
         self.phases: Any = None  # the optimizer's PhaseTimer (None: everything is "closure")
         self.counts: collections.Counter[str] = collections.Counter()
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if not getattr(func, "is_view", False):  # views (slice, reshape, t) launch nothing
             current = self.phases.current if self.phases is not None else None
             self.counts[PARTS.get(current, "closure")] += 1

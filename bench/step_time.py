@@ -41,19 +41,18 @@ import argparse
 import gc
 import json
 import math
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
+import torch
 
-import common  # noqa: E402
-from common import METHODS, PROBLEMS, Method  # noqa: E402
+import common
+from common import METHODS, PROBLEMS, Method
 
 REFERENCES = ("sgd-m", "adam", "kfac(1,20)")
 BUCKETS = ("fwd_bwd", "extra_pass", "curvature", "precondition", "other")
@@ -68,7 +67,7 @@ class Runner:
     """A model copy, its optimizer and a fixed batch; runs windows of iterations."""
 
     def __init__(self, method: Method, problem: str, quick: bool, device: torch.device,
-                 window: int, seed: int = 0, data: Optional[tuple] = None) -> None:
+                 window: int, seed: int = 0, data: tuple | None = None) -> None:
         import kbfgs
 
         self.method = method
@@ -88,10 +87,9 @@ class Runner:
                              f"by {window}/{t2}")
                 hp = {**hp, "inv_freq": window}
         for p in method.periods:
-            if p != method.fixed.get("inv_freq") or self.inv_scale == 1.0:
-                if window % p != 0:
-                    raise SystemExit(f"--window {window} is not a multiple of the period {p} "
-                                     f"of {method.label}")
+            if (p != method.fixed.get("inv_freq") or self.inv_scale == 1.0) and window % p != 0:
+                raise SystemExit(f"--window {window} is not a multiple of the period {p} "
+                                 f"of {method.label}")
         self.hp = hp
         self.opt = kbfgs.make_optimizer(method.name, self.model, **hp)
         self.closure_time = [0.0]
@@ -187,7 +185,7 @@ def _touch_runtime() -> None:
 
 
 def memory_child(problem: str, label: str, quick: bool, device: torch.device,
-                 window: int, batch: Optional[int] = None) -> dict[str, Any]:
+                 window: int, batch: int | None = None) -> dict[str, Any]:
     method = METHODS[label]
     data = PROBLEMS[problem].build(quick, device, batch=batch)
     gc.collect()
@@ -331,7 +329,7 @@ def bench_problem(problem: str, labels: list[str], args: argparse.Namespace,
     print(f"== {problem}: batch {data[1].shape[0]}, window {args.window}, repeats "
           f"{args.repeats}, device {device} ({env['device_name']}), threads "
           f"{torch.get_num_threads()}, load {env['loadavg_start']}", flush=True)
-    for lab, r in runners.items():  # warm-up: allocations, first curvature/inverse updates
+    for r in runners.values():  # warm-up: allocations, first curvature/inverse updates
         for _ in range(args.warmup):
             r.run(args.window)
     windows = []
@@ -413,7 +411,8 @@ def print_table(res: dict[str, Any]) -> None:
               f"{b['curvature'] * 1e3:6.1f} {b['precondition'] * 1e3:6.1f} "
               f"{b['other'] * 1e3:6.1f} {v['state_bytes'] / 2**20:8.2f} "
               f"{(v['state_ratio'] or math.nan):5.2f} "
-              f"{pk.get('peak_bytes', math.nan) / 2**20:8.1f} {pk.get('peak_ratio', math.nan):5.2f}")
+              f"{pk.get('peak_bytes', math.nan) / 2**20:8.1f} "
+              f"{pk.get('peak_ratio', math.nan):5.2f}")
     for ref in ("adam", "kfac(1,20)"):
         for lab, v in s.items():
             if lab.startswith("kbfgs") and ref in v["ratio"]:
@@ -421,7 +420,7 @@ def print_table(res: dict[str, Any]) -> None:
                 print(f"  {lab} / {ref}: median {r['median']:.3f} [{r['min']:.3f}-{r['max']:.3f}]")
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--problems", default="mnist-ae",

@@ -39,8 +39,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import common
 import torch
+
+import common
 
 #: label -> (runner method of kbfgs.experiments.problems, changes to its defaults); the values
 #: are the problems' defaults (fmnist-ae: the Fashion-MNIST values; curves-ae: Table 6 CURVES,

@@ -25,9 +25,8 @@ Usage::
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -87,7 +86,8 @@ def dd_needs_second_damping(s_t: Tensor, y: Tensor, mu2: float) -> bool:
     return torch.dot(s_t, y).item() < mu2 * torch.dot(s_t, s_t).item()
 
 
-def double_damping(s: Tensor, y: Tensor, H: Tensor, mu1: float, mu2: float) -> tuple[Tensor, Tensor]:
+def double_damping(s: Tensor, y: Tensor, H: Tensor, mu1: float, mu2: float
+                   ) -> tuple[Tensor, Tensor]:
     """Double damping of Goldfarb et al. (2020), spec section 4 ("dd")."""
     s_t, _ = powell_damping(s, y, H, mu1)
     ss = torch.dot(s_t, s_t)

@@ -111,7 +111,8 @@ SCENARIOS: dict[str, dict] = {
     "cnn-kbfgsL-T1": {"model": "cnn", "opt": "kbfgs", "hp": {"update_freq": 1, "history": 2}},
     "cnn-kbfgs-T2-warm": {"model": "cnn", "opt": "kbfgs", "hp": {"update_freq": 2}, "warm": True},
     "mlp-kfac": {"model": "mlp", "opt": "kfac", "hp": {"stat_freq": 1, "inv_freq": 2}},
-    "cnn-kfac-warm": {"model": "cnn", "opt": "kfac", "hp": {"stat_freq": 2, "inv_freq": 2}, "warm": True},
+    "cnn-kfac-warm": {"model": "cnn", "opt": "kfac", "hp": {"stat_freq": 2, "inv_freq": 2},
+                      "warm": True},
     "cnnbn-kbfgs-T1": {"model": "cnn_bn", "opt": "kbfgs", "hp": {"update_freq": 1}},
 }
 
@@ -315,6 +316,7 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
                       **{launch.ENV_TIMEOUT: "30"})
     torch.set_num_threads(1)
     tmp_path = Path(tmp)
+    # the worker's stderr for the rest of its life: no context manager can hold it
     sys.stderr = open(tmp_path / f"stderr{rank}.txt", "w", buffering=1)  # noqa: SIM115
     try:
         with launch.launch("cpu") as ws:
@@ -332,7 +334,7 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
                 distributed.all_reduce_flat([t], _world_group())
             finally:
                 (tmp_path / "wait0.txt").write_text(f"{time.perf_counter() - t0:.2f}")
-    except BaseException:  # noqa: BLE001 - any failure of a worker is reported
+    except BaseException:  # any failure of a worker is reported
         (tmp_path / f"err{rank}.txt").write_text(traceback.format_exc())
         sys.stderr.flush()
         os._exit(1)

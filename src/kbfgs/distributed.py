@@ -86,8 +86,8 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         if isinstance(model, (DistributedDataParallel, DataParallel)):
             model = model.module
         elif type(model).__name__ == "OptimizedModule" and isinstance(
-                getattr(model, "_orig_mod", None), torch.nn.Module):
-            model = model._orig_mod
+                inner := getattr(model, "_orig_mod", None), torch.nn.Module):
+            model = inner
         else:
             return model
 

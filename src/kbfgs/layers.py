@@ -20,6 +20,7 @@ maps a module type to its helper class so that a new layer type is one class.
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,7 @@ __all__ = [
     "Conv2dHelper",
     "KroneckerHelper",
     "LinearHelper",
+    "bind_helper",
     "damping_split",
     "gram",
     "helper_for",
@@ -84,9 +86,14 @@ class KroneckerHelper:
         self.module = module
         self.has_bias = trainable_bias(module) if has_bias is None else bool(has_bias)
 
+    @property
+    def weight(self) -> Tensor:
+        """The module's weight (``nn.Module`` types its attributes ``Tensor | Module``)."""
+        return cast(Tensor, self.module.weight)
+
     def dims(self) -> tuple[int, int]:
         """``(rows, cols)`` of W: output features and input features (+1 with a bias)."""
-        w = self.module.weight
+        w = self.weight
         return w.shape[0], w[0].numel() + int(self.has_bias)
 
     @staticmethod
@@ -128,7 +135,7 @@ class KroneckerHelper:
 
     def split_matrix(self, P: Tensor) -> list[Tensor]:
         """Views of a W-shaped matrix ``P`` shaped like ``[weight, bias]`` (bias if trainable)."""
-        w = self.module.weight
+        w = self.weight
         k = w[0].numel()
         views = [P[:, :k].view(w.shape)]
         if self.has_bias:
@@ -137,7 +144,7 @@ class KroneckerHelper:
 
     def params(self) -> list[nn.Parameter]:
         m = self.module
-        return [m.weight, m.bias] if self.has_bias else [m.weight]
+        return cast("list[nn.Parameter]", [m.weight, m.bias] if self.has_bias else [m.weight])
 
 
 def trainable_bias(module: nn.Module) -> bool:
@@ -198,7 +205,7 @@ class LinearHelper(KroneckerHelper):
 
 def _padding(module: nn.Conv2d) -> tuple[int, int]:
     if isinstance(module.padding, str):  # "same" / "valid": such layers are demoted
-        raise ValueError(f"string padding {module.padding!r} is not supported")  # noqa: TRY004
+        raise ValueError(f"string padding {module.padding!r} is not supported")
     return module.padding[0], module.padding[1]
 
 
@@ -207,8 +214,13 @@ class Conv2dHelper(KroneckerHelper):
 
     is_conv = True
 
+    @property
+    def conv(self) -> nn.Conv2d:
+        """The bound module, typed as what it is."""
+        return cast(nn.Conv2d, self.module)
+
     def _geometry(self) -> dict:
-        m = self.module
+        m = self.conv
         return {"stride": m.stride, "padding": m.padding, "dilation": m.dilation}
 
     def locations(self, h: Tensor) -> int:
@@ -219,7 +231,7 @@ class Conv2dHelper(KroneckerHelper):
         the weight's last two dims), the strided window of padded positions that the tap reads
         at the ``Ho x Wo`` output locations: ``a_t`` of location ``t = (ho, wo)`` holds
         ``x_pad[:, c, win_i(ho), win_j(wo)]`` for every channel ``c`` and tap."""
-        module = self.module
+        module = self.conv
         kh, kw = module.kernel_size
         (sh, sw), (ph, pw), (dh, dw) = module.stride, _padding(module), module.dilation
         ho, wo = self.out_size(x)
@@ -238,10 +250,11 @@ class Conv2dHelper(KroneckerHelper):
         return _with_one(cols.reshape(-1) / (m * ho * wo), self.has_bias)
 
     def out_size(self, x: Tensor) -> tuple[int, int]:
-        module = self.module
+        module = self.conv
+        padding = _padding(module)
         sizes = []
         for i in range(2):
-            k, s, p, d = (module.kernel_size[i], module.stride[i], module.padding[i],
+            k, s, p, d = (module.kernel_size[i], module.stride[i], padding[i],
                           module.dilation[i])
             sizes.append((x.shape[2 + i] + 2 * p - d * (k - 1) - 1) // s + 1)
         return sizes[0], sizes[1]
@@ -253,7 +266,7 @@ class Conv2dHelper(KroneckerHelper):
         tap row read through the tap's window, then ``Z`` = ``z`` written back through every
         tap's window and ``A s = sum_n X Z^T``. Both products are 1/out_channels of the
         layer's own; one-output-channel convolutions (slow in oneDNN) are avoided."""
-        module = self.module
+        module = self.conv
         m, c = x.shape[0], x.shape[1]
         kh, kw = module.kernel_size
         bias = self.has_bias
@@ -285,7 +298,7 @@ class Conv2dHelper(KroneckerHelper):
 
     def unfold(self, x: Tensor) -> Tensor:
         """``(m, |T|, J|Delta| [+1])`` patches (for explicit A only)."""
-        cols = F.unfold(x, self.module.kernel_size, **self._geometry()).transpose(1, 2)
+        cols = F.unfold(x, self.conv.kernel_size, **self._geometry()).transpose(1, 2)
         if self.has_bias:
             cols = torch.cat([cols, cols.new_ones(cols.shape[0], cols.shape[1], 1)], dim=2)
         return cols
@@ -330,6 +343,14 @@ def unsupported_reason(module: nn.Module) -> str | None:
         if isinstance(module.padding, str):
             return f"padding={module.padding!r}"
     return None
+
+
+def bind_helper(module: nn.Module) -> KroneckerHelper:
+    """The helper of a supported module (:func:`helper_for`), bound to it."""
+    cls = helper_for(module)
+    if cls is None:
+        raise ValueError(f"{type(module).__name__} is not a Kronecker-factored layer")
+    return cls(module)
 
 
 def helper_for(module: nn.Module) -> type[KroneckerHelper] | None:

@@ -10,7 +10,7 @@ curvature pair, ``H y`` the action of ``H`` on ``y``.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -92,7 +92,8 @@ def _check_mu1(mu1: float) -> None:
         raise ValueError(f"mu1 must be in (0, 1), got {mu1}")
 
 
-def dpdlm(s: Tensor, y: Tensor, H: Operator, mu1: float, mu2: float) -> tuple[Tensor, Tensor, Tensor]:
+def dpdlm(s: Tensor, y: Tensor, H: Operator, mu1: float, mu2: float
+          ) -> tuple[Tensor, Tensor, Tensor]:
     """D_P D_LM (Algorithm 1): Powell's damping on ``H``, then Levenberg-Marquardt damping.
 
     Guarantees ``s~^T y >= mu1 y^T H y`` and ``s~^T y~ >= mu2 ||s~||^2``.
@@ -169,7 +170,8 @@ def lbfgs_compact_factors(S: Tensor, Y: Tensor, gamma: float) -> tuple[Tensor, T
 
 
 def lbfgs_apply(U: Tensor, M: Tensor, gamma: float, X: Tensor) -> Tensor:
-    """``H X`` for the compact L-BFGS operator ``H = gamma I + U M U^T``; ``X`` is ``n`` or ``n x c``.
+    """``H X`` for the compact L-BFGS operator ``H = gamma I + U M U^T``; ``X`` is ``n`` or
+    ``n x c``.
 
     Three matrix products on the whole matrix ``X`` (no per-column two-loop recursion).
     """

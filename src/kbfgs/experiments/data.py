@@ -13,17 +13,17 @@ import hashlib
 import math
 import pickle
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-PathLike = Union[str, Path]
+PathLike = str | Path
 
 __all__ = [
     "CIFAR10_MEAN",

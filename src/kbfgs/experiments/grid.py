@@ -12,8 +12,9 @@ from __future__ import annotations
 import itertools
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .problems import METHOD_HPS, Problem
 from .report import Group, group_results, result_problem

@@ -6,8 +6,8 @@ hooks may read any layer's output.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Callable
+import itertools
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -55,7 +55,7 @@ def autoencoder(widths: Sequence[int]) -> nn.Sequential:
     hidden = widths[1:-1]
     code = 1 + hidden.index(min(hidden)) if hidden else -1  # index into widths
     layers: list[nn.Module] = []
-    for i, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:]), start=1):
+    for i, (fan_in, fan_out) in enumerate(itertools.pairwise(widths), start=1):
         layers.append(nn.Linear(fan_in, fan_out))
         if i < len(widths) - 1 and i != code:
             layers.append(nn.ReLU(inplace=False))

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .paper_results import PAPER_SEEDS, REPRODUCE_ROWS, TABLE4_METHODS
 from .problems import Problem, check_method, get_problem

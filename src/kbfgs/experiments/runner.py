@@ -25,10 +25,12 @@ and the file is left in place. ``force=True`` (``--force``) discards it and star
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from . import launch
 from .checkpoint import CheckpointError
@@ -109,10 +111,8 @@ def check_out_dir(out_dir: str | os.PathLike) -> str | None:
         return (f"--out {out}: cannot write result files there ({e.strerror or e}); choose "
                 "a writable directory")
     finally:
-        try:
+        with contextlib.suppress(OSError):
             probe.unlink()
-        except OSError:
-            pass
     return None
 
 

@@ -14,10 +14,10 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -388,8 +388,8 @@ class Trainer:
         """Write the checkpoint (rank 0; every rank waits); off the clock, like evaluation."""
         extra = {"schema": CHECKPOINT_SCHEMA, "run_id": self.spec.run_id(),
                  **self.state.state_dict(), "world_size": distributed.world_size()}
-        ckpt_files.save_checkpoint(self.checkpoint, self.train_model,  # type: ignore[arg-type]
-                                   self.opt, extra)
+        assert self.checkpoint is not None  # called only with a checkpoint path
+        ckpt_files.save_checkpoint(self.checkpoint, self.train_model, self.opt, extra)
 
     def _checkpoint_due(self) -> bool:
         every = self.spec.checkpoint_every
@@ -545,6 +545,7 @@ class Trainer:
         st.clock.start()
         xb, target = self.minibatch(order, pos)
         try:
+            # torch's stubs type the closure as returning float; a Tensor is what it returns
             loss = self.opt.step(self.closure(xb, target))  # type: ignore[arg-type]
             lv = float(loss.detach() if isinstance(loss, Tensor) else loss)  # syncs
         except RuntimeError as e:
@@ -655,7 +656,7 @@ class Trainer:
         if hasattr(self.opt, "stats"):
             try:
                 result["stats"] = self.opt.stats(condition=True)
-            except Exception as e:  # noqa: BLE001 - diagnostics must never lose a finished run
+            except Exception as e:  # diagnostics must never lose a finished run
                 result["stats"] = {"error": repr(e)}
         if st.resumed:
             result["resumed"] = st.resumed

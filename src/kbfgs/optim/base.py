@@ -13,8 +13,8 @@ import copy
 import dataclasses
 import warnings
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
-from typing import Any, Callable
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from .. import distributed
 from ..capture import Capture, KroneckerLayer, LayerRecord, autocast_off
 from ..distributed import unwrap_model
-from ..layers import helper_for, unsupported_reason
+from ..layers import bind_helper, helper_for, unsupported_reason
 from .phases import PhaseTimer
 from .validation import check_common, check_int, check_param_groups
 
@@ -180,7 +180,7 @@ class KroneckerOptimizer(torch.optim.Optimizer):
         if not ready:
             return
         self._dormant = [(n, m) for n, m in self._dormant if m.weight.grad is None]
-        new = [KroneckerLayer(n, helper_for(m)(m)) for n, m in ready]  # type: ignore[misc]
+        new = [KroneckerLayer(n, bind_helper(m)) for n, m in ready]
         new = self._size_guard(new, stacklevel=5)
         self.layers.extend(new)  # in place: the capture holds this list
         self.layers.sort(key=lambda ly: self._order.get(ly.name, -1))
@@ -404,19 +404,22 @@ class KroneckerOptimizer(torch.optim.Optimizer):
         others = [p for g in self.param_groups for p in g["params"]
                   if id(p) not in self._kron_params and p.grad is not None] + loose
         if others:
-            bufs = []
-            for p in others:
-                st = self.state[p]
-                if "momentum_buffer" not in st:
-                    st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                bufs.append(st["momentum_buffer"])
-            torch._foreach_mul_(bufs, mom)
-            torch._foreach_add_(bufs, [p.grad for p in others])
-            if wd != 0:
-                steps = torch._foreach_add(bufs, others, alpha=wd)
-            else:
-                steps = bufs
-            torch._foreach_add_(others, steps, alpha=-lr * self._other_lr_scale(group))
+            self._update_others(others, group)
+
+    def _update_others(self, others: list[Tensor], group: dict[str, Any]) -> None:
+        """The other parameters (not preconditioned this step): momentum SGD,
+        ``buf = momentum buf + g``, ``p -= lr * scale * (buf + wd p)``."""
+        lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
+        bufs = []
+        for p in others:
+            st = self.state[p]
+            if "momentum_buffer" not in st:
+                st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            bufs.append(st["momentum_buffer"])
+        torch._foreach_mul_(bufs, mom)
+        torch._foreach_add_(bufs, [cast(Tensor, p.grad) for p in others])  # all have one
+        steps = torch._foreach_add(bufs, others, alpha=wd) if wd != 0 else bufs
+        torch._foreach_add_(others, steps, alpha=-lr * self._other_lr_scale(group))
 
     def _other_lr_scale(self, group: dict) -> float:
         return 1.0
@@ -514,7 +517,7 @@ class KroneckerOptimizer(torch.optim.Optimizer):
         extra = sd.pop("kronecker", None)
         me = type(self).__name__
         if not isinstance(extra, dict):
-            raise ValueError(f"state_dict was not produced by {me}.state_dict() "  # noqa: TRY004
+            raise ValueError(f"state_dict was not produced by {me}.state_dict() "
                              "(missing key 'kronecker')")
         missing = [k for k in _SAVED_KEYS if k not in extra]
         if missing:
@@ -527,7 +530,7 @@ class KroneckerOptimizer(torch.optim.Optimizer):
         layers = {ly.name: ly for ly in self.layers if ly.name not in demoted}
         for n, m in self._dormant:
             if n in saved and n not in layers:
-                layers[n] = KroneckerLayer(n, helper_for(m)(m))  # type: ignore[misc]
+                layers[n] = KroneckerLayer(n, bind_helper(m))
         unknown = set(saved) - set(layers)
         if unknown:
             raise ValueError(f"state_dict has curvature for layers this model lacks: "
@@ -560,7 +563,7 @@ class KroneckerOptimizer(torch.optim.Optimizer):
             return
         self._dormant = [(n, m) for n, m in self._dormant if n not in saved]
         for n, m in wake:
-            layer = KroneckerLayer(n, helper_for(m)(m))  # type: ignore[misc]
+            layer = KroneckerLayer(n, bind_helper(m))
             self.layers.append(layer)
             self._kron_params.update(id(p) for p in layer.helper.params())
         self.layers.sort(key=lambda ly: self._order.get(ly.name, -1))
@@ -697,7 +700,7 @@ def layer_fields_from_dict(cls: type, d: Any, *, layer: str, shapes: dict[str, t
     given. A mismatch is a ValueError naming the layer and the key."""
     what = f"the saved state of layer '{layer}'"
     if not isinstance(d, dict):
-        raise ValueError(f"{what} is not a dict (got {type(d).__name__})")  # noqa: TRY004
+        raise ValueError(f"{what} is not a dict (got {type(d).__name__})")
     names = {f.name: f for f in dataclasses.fields(cls) if f.name not in set(transient)}
     unknown = sorted(set(d) - set(names))
     if unknown:
@@ -769,7 +772,7 @@ def _reduce_warm_start(layers: list[KroneckerLayer], sums: dict[str, Tensor],
     mats = []
     for layer in layers:
         cols = layer.helper.dims()[1]
-        dev = layer.module.weight.device
+        dev = layer.helper.weight.device
         present = layer.name in sums
         mats.append(sums[layer.name] if present else
                     torch.zeros(cols, cols, dtype=dtype_fn(layer.module), device=dev))
@@ -855,7 +858,7 @@ def skip_rule(model: nn.Module, skip_layers: Iterable[str | type] | str | type |
         elif isinstance(item, type) and issubclass(item, nn.Module):
             types.append(item)
         else:
-            raise ValueError("skip_layers takes module names (str) and module types (nn.Module "  # noqa: TRY004
+            raise ValueError("skip_layers takes module names (str) and module types (nn.Module "
                              f"subclasses), got {item!r}")
     known = {name for name, _ in model.named_modules()}
     for n in names:

@@ -16,8 +16,9 @@ unchanged), so that all obey the same reliability contract.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,6 +26,7 @@ from torch import nn
 from ..distributed import unwrap_model
 from .first_order import SGDM, DecoupledAdam
 from .kbfgs import KBFGS
+from .kbfgs_plus import KBFGSPlus
 from .kfac import KFAC
 from .peers import MuonAdamW, make_shampoo, make_soap
 
@@ -101,6 +103,12 @@ _METHODS: dict[str, _Method] = {
         "K-BFGS with improvement #2 off (Table 7 '#2 off'): moving-average Hessian action "
         "instead of the minibatched one, otherwise as kbfgs",
         _kbfgs(history=None, hessian_action="moving_average"), _KBFGS_HPS),
+    "kbfgs-plus": _Method(
+        "K-BFGS+",
+        "kbfgs-plus (not in the paper): K-BFGS's direction with Adam's per-layer step length "
+        "(norm grafting), Adam on the other parameters; lr in Adam's units",
+        lambda model, **hp: KBFGSPlus(model, **hp), _KBFGS_HPS + ("history", "beta2", "eps"),
+        required=(), defaults={"lr": 3e-3, "damping": 1.0}),
     "kfac": _Method(
         "KFAC",
         "KFAC (Algorithm 5): Omega/Gamma moving averages with sampled targets every stat_freq "

@@ -15,8 +15,8 @@ Kronecker-factored optimizers: a step whose loss or gradient is not finite is sk
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable
-from typing import Any, Callable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -42,6 +42,7 @@ class SkipNonFinite:
     check_finite: bool
     steps: int
     skipped_steps: int
+    param_groups: list[dict[str, Any]]  # the optimizer's (this class is mixed into one)
 
     def _init_counters(self, check_finite: bool) -> None:
         self.check_finite = bool(check_finite)
@@ -53,7 +54,7 @@ class SkipNonFinite:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        params = [p for g in self.param_groups for p in g["params"]]  # type: ignore[attr-defined]
+        params = [p for g in self.param_groups for p in g["params"]]
         if self.check_finite and not _all_finite(loss, params):
             self.skipped_steps += 1
             if self.skipped_steps == 1:
@@ -68,14 +69,14 @@ class SkipNonFinite:
         return {"steps": self.steps, "skipped_steps": self.skipped_steps}
 
     def state_dict(self) -> dict[str, Any]:
-        sd = super().state_dict()  # type: ignore[misc]
+        sd = super().state_dict()  # type: ignore[misc]  # mixin: the Optimizer after it has it
         sd["counters"] = {"steps": self.steps, "skipped_steps": self.skipped_steps}
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         sd = dict(state_dict)
         counters = sd.pop("counters", None)
-        super().load_state_dict(sd)  # type: ignore[misc]
+        super().load_state_dict(sd)  # type: ignore[misc]  # mixin: the Optimizer after it has it
         if counters is not None:
             self.steps = int(counters["steps"])
             self.skipped_steps = int(counters["skipped_steps"])
@@ -93,7 +94,7 @@ class SGDM(SkipNonFinite, torch.optim.Optimizer):
         super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay})
         self._init_counters(check_finite)
 
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss, ok = self._run_closure(closure)
         if ok:
             self._update()
@@ -132,7 +133,7 @@ class DecoupledAdam(SkipNonFinite, torch.optim.AdamW):
         super().__init__(params, lr=lr, betas=betas, eps=damping, weight_decay=weight_decay)
         self._init_counters(check_finite)
 
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss, ok = self._run_closure(closure)
         if ok:
             super().step()

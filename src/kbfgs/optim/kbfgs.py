@@ -10,9 +10,9 @@ vectors), the vectors from ``kbfgs.capture`` (hooks that exist only during a cur
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
-from typing import Any, Callable
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -172,7 +172,7 @@ class KBFGSLayerState:
     Dh_scale: Tensor | None = None
 
     #: fields not saved by :meth:`to_state_dict`
-    _transient = ()
+    _transient: ClassVar[tuple[str, ...]] = ()
 
     def to_state_dict(self) -> dict[str, Any]:
         """The saved form: ``{field: value}`` without ``None`` and cached fields."""
@@ -221,7 +221,7 @@ class LimitedLayerState(KBFGSLayerState):
     Y: Tensor
     lbfgs: tuple[Tensor, Tensor, float] | None = None
 
-    _transient = ("lbfgs",)
+    _transient: ClassVar[tuple[str, ...]] = ("lbfgs",)
 
     @classmethod
     def shapes(cls, rows: int, cols: int) -> dict[str, tuple[int | None, ...]]:
@@ -320,7 +320,7 @@ class KBFGS(KroneckerOptimizer):
                 "damping <= 1 or damping_rule='dpdlm'")
 
     # ------------------------------------------------------------------ step
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One iteration of Algorithm 2. ``closure`` zeroes the gradients, runs the forward pass,
         computes the batch-mean loss, calls ``backward`` and returns the loss. On curvature
         iterations (k % update_freq == 0) it is called a second time on the same minibatch
@@ -334,6 +334,7 @@ class KBFGS(KroneckerOptimizer):
         known = set(self.layer_state)
         with self.phases("forward_backward"):
             group = distributed.process_group(self.model) if curvature else None
+            ctx: contextlib.AbstractContextManager[dict[str, LayerRecord]]
             if curvature:
                 self._save_rng()
                 ctx = self.capture.kbfgs_pre(self._s_A, need_A=self._needs_explicit_A(),
@@ -403,7 +404,7 @@ class KBFGS(KroneckerOptimizer):
         keeps it, only ``H_A`` (and A) are reset."""
         self._check_dd(layer, locations)
         rows, cols = layer.helper.dims()
-        dtype, device = self._curvature_dtype(layer.module), layer.module.weight.device
+        dtype, device = self._curvature_dtype(layer.module), layer.helper.weight.device
         lam_A, lam_G = self._lambdas(layer, locations)
         eye = torch.eye(cols, dtype=dtype, device=device)
         if A0 is None:
@@ -419,7 +420,7 @@ class KBFGS(KroneckerOptimizer):
             return st
         common: dict[str, Any] = {
             "locations": locations,
-            "buf": aligned_copy(torch.zeros(rows, cols, dtype=layer.module.weight.dtype,
+            "buf": aligned_copy(torch.zeros(rows, cols, dtype=layer.helper.weight.dtype,
                                             device=device)),
             "H_A": H_A,
             "s_G": torch.zeros(rows, dtype=dtype, device=device),
@@ -442,15 +443,16 @@ class KBFGS(KroneckerOptimizer):
 
     def _layer_state_from_dict(self, d: dict[str, Any], layer: KroneckerLayer) -> KBFGSLayerState:
         cls = DenseLayerState if self.history is None else LimitedLayerState
-        st = cls.from_state_dict(d, layer.module.weight.device, **self._layer_load_args(layer))
+        st = cls.from_state_dict(d, layer.helper.weight.device, **self._layer_load_args(layer))
         if self.hessian_action == "moving_average" and st.A is None:
             raise ValueError(f"the saved state of layer '{layer.name}' lacks the key 'A' (the "
                              "moving average of A): it was saved with another hessian_action "
                              "than 'moving_average'")
         if self.hessian_action != "moving_average":
             st.A = None
-        if isinstance(st, LimitedLayerState) and st.S.shape[1] > self.history:
-            st.S, st.Y = st.S[:, -self.history:].contiguous(), st.Y[:, -self.history:].contiguous()
+        k = self.history
+        if isinstance(st, LimitedLayerState) and k is not None and st.S.shape[1] > k:
+            st.S, st.Y = st.S[:, -k:].contiguous(), st.Y[:, -k:].contiguous()
         return st
 
     def _check_saved_kind(self, extra: dict[str, Any]) -> None:
@@ -511,17 +513,22 @@ class KBFGS(KroneckerOptimizer):
             st = self._init_layer(layer, rec.locations)
         if self.hessian_action == "exact":
             return None
+        assert rec.a_bar is not None  # recorded by the hook before it asks for s_A
         return st.H_A @ rec.a_bar
 
     def _update_H_A(self, st: KBFGSLayerState, r0: LayerRecord, lam_A: float) -> None:
         """Lines 16-17: the pair ``(s_A, y_A)`` and the BFGS update (11) of H_A; Algorithm 3's
         ``H_A = (A + lambda_A I)^-1`` for ``hessian_action="exact"``."""
         if self.hessian_action == "exact":
+            assert r0.A is not None  # kbfgs_pre(need_A=True)
             st.H_A.copy_(linalg.damped_spd_inverse(r0.A, lam_A)[0])
             return
+        assert r0.s_A is not None  # every hessian_action but "exact" forms s_A
         if self.hessian_action == "moving_average":
+            assert st.A is not None and r0.A is not None  # kbfgs_pre(need_A=True)
             y_A = y_A_moving_average(st.A, r0.A, r0.s_A, lam_A, self.beta)
         else:
+            assert r0.A_s is not None
             y_A = y_A_minibatch(r0.A_s, r0.s_A, lam_A)
         _, ok = linalg.bfgs_update(st.H_A, r0.s_A, y_A, inplace=True)
         st.skipped_A += (~ok).long()
@@ -541,7 +548,7 @@ class KBFGS(KroneckerOptimizer):
 
     def _curvature_update(self, pre: dict[str, LayerRecord], post: dict[str, LayerRecord]) -> None:
         """Lines 14-22 for every layer recorded in both passes."""
-        pending = []
+        pending: list[tuple[LimitedLayerState, Tensor, Tensor, Tensor]] = []
         for layer in self.layers:
             r0, r1 = pre.get(layer.name), post.get(layer.name)
             st = self.layer_state.get(layer.name)
@@ -559,14 +566,18 @@ class KBFGS(KroneckerOptimizer):
             if isinstance(st, DenseLayerState):  # line 21, BFGS
                 _, ok = linalg.bfgs_update(st.H_G, s_t, y_t, inplace=True)
                 st.skipped_G += (~ok & ~rounding).long()
+                assert st.skipped_G_rounding is not None  # set by _rounding_level
                 st.skipped_G_rounding += rounding.long()
             else:
+                assert isinstance(st, LimitedLayerState)
                 pending.append((st, s_t, y_t,
                                 torch.stack([linalg.pair_is_valid(s_t, y_t), rounding])))
         if pending:  # line 21, L-BFGS: the pair list changes shape, one host sync for all layers
+            assert self.history is not None  # L-BFGS layer states exist with a history only
             flags = torch.stack([p[3] for p in pending]).tolist()
             for (st, s_t, y_t, _), (ok, rounding) in zip(pending, flags):
                 if rounding:
+                    assert st.skipped_G_rounding is not None  # set by _rounding_level
                     st.skipped_G_rounding += 1
                     continue
                 if not ok:
@@ -581,7 +592,8 @@ class KBFGS(KroneckerOptimizer):
         out: dict[str, Any] = {
             "skipped_A": int(st.skipped_A),
             "skipped_G": int(st.skipped_G),
-            "skipped_G_rounding": 0 if st.skipped_G_rounding is None else int(st.skipped_G_rounding),
+            "skipped_G_rounding": (0 if st.skipped_G_rounding is None
+                                   else int(st.skipped_G_rounding)),
             "theta": float(st.theta),
         }
         if isinstance(st, LimitedLayerState):
@@ -591,6 +603,7 @@ class KBFGS(KroneckerOptimizer):
             if isinstance(st, DenseLayerState):
                 out["cond_H_G"] = linalg.condition_number(st.H_G)
             else:
+                assert isinstance(st, LimitedLayerState)
                 U, M, gamma = self._lbfgs_factors(layer, st)
                 out["cond_H_G"] = linalg.condition_number(
                     linalg.lbfgs_dense(U, M, gamma, st.S.shape[0]))

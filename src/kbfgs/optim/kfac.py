@@ -22,9 +22,10 @@ import contextlib
 import hashlib
 import math
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
-from typing import Any, Callable
+from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -89,7 +90,8 @@ def sample_targets(output: Tensor, likelihood: str, generator: torch.Generator) 
     * ``"categorical"``: ``output`` are logits with the classes on dim 1 (as for
       ``F.cross_entropy``): ``y ~ Categorical(softmax(output, dim=1))``, an int64 tensor of
       shape ``output.shape`` without dim 1 (drawn with ``torch.multinomial``).
-    * ``"bernoulli"``: ``output`` are logits: ``y ~ Bernoulli(sigmoid(output))`` (``torch.bernoulli``).
+    * ``"bernoulli"``: ``output`` are logits: ``y ~ Bernoulli(sigmoid(output))``
+      (``torch.bernoulli``).
     * ``"gaussian"``: ``output`` is the mean: ``y = output + N(0, I)`` (``torch.randn``).
 
     Probabilities are computed from ``output.detach()`` in float32 (float64 for a float64
@@ -275,7 +277,8 @@ class KFAC(KroneckerOptimizer):
     :func:`sample_targets` and :func:`sampled_loss`.
 
     Damping split (line 19, :func:`damped_inverses`): with ``d_O``, ``d_G`` the sizes of Omega
-    and Gamma, ``trace(Omega (x) I_G) = d_G tr(Omega)`` and ``trace(I_O (x) Gamma) = d_O tr(Gamma)``,
+    and Gamma, ``trace(Omega (x) I_G) = d_G tr(Omega)`` and
+    ``trace(I_O (x) Gamma) = d_O tr(Gamma)``,
     so ``pi = sqrt((tr(Omega) / d_O) / (tr(Gamma) / d_G))``; ``pi = 1`` when a trace is not
     positive or the ratio is not finite. ``H_Omega = (Omega + pi sqrt(lambda) I)^-1`` and
     ``H_Gamma = (Gamma + sqrt(lambda) / pi I)^-1`` (Cholesky; eigenvalues as a fallback, counted
@@ -318,7 +321,7 @@ class KFAC(KroneckerOptimizer):
         check_choice("likelihood", likelihood, LIKELIHOODS)
         check_number("beta", beta, 0.0, high=1.0)
         check_int("seed", seed)
-        self.inv_freq = int(inv_freq)  # type: ignore[arg-type]
+        self.inv_freq = int(inv_freq)
         self.likelihood = likelihood
         self.beta = float(beta)
         self.seed = int(seed)
@@ -344,7 +347,7 @@ class KFAC(KroneckerOptimizer):
         return 2 * (cols * cols + rows * rows) * itemsize
 
     # ------------------------------------------------------------------ step
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One iteration of Algorithm 5; returns the loss of the closure.
 
         ``closure()`` (zero grads, forward, batch-mean loss, backward, return loss) runs once.
@@ -362,8 +365,10 @@ class KFAC(KroneckerOptimizer):
         record_call = do_stats and bool(self.layers)
         if record_call:
             self._save_rng()
-        recording = self.capture.model_call() if record_call else contextlib.nullcontext({})
-        probing = self.capture.probe() if first else contextlib.nullcontext({})
+        recording: contextlib.AbstractContextManager[dict[str, Any]] = (
+            self.capture.model_call() if record_call else contextlib.nullcontext({}))
+        probing: contextlib.AbstractContextManager[dict[str, LayerRecord]] = (
+            self.capture.probe() if first else contextlib.nullcontext({}))
         with self.phases("forward_backward"), recording as call, probing as pre:
             loss = closure()
         if not self._accept(loss):  # grad_scaler: unscaled here
@@ -379,7 +384,8 @@ class KFAC(KroneckerOptimizer):
         if record_call:
             with self.phases("extra_pass"):  # lines 11-13
                 with self._extra_pass(), replay_autocast(call["autocast"]):
-                    runs = [lambda a=a, kw=kw: inner(*a, **kw) for a, kw in call["calls"]]
+                    runs: list[Callable[[], Any]] = [partial(inner, *a, **kw)
+                                                     for a, kw in call["calls"]]
                     records = self._factor_pass(runs, "step", k)
                 call.clear()
             with self.phases("curvature"), autocast_off():  # line 14
@@ -468,25 +474,24 @@ class KFAC(KroneckerOptimizer):
             r, st = records.get(layer.name), self.layer_state.get(layer.name)
             if st is None or r is None or r.calls != 1 or r.A is None or r.G is None:
                 continue
-            todo.append((st, r))
+            todo.append((st, r, r.A, r.G))
         if not todo:
             return
-        self._reduce_across_ranks([t for _, r in todo for t in (r.A, r.G)], "avg")
+        self._reduce_across_ranks([t for _, _, A, G in todo for t in (A, G)], "avg")
         # one reduction per factor: a NaN or inf entry makes the sum non-finite (a sum that
         # overflows only skips the update, conservatively); one host sync for all layers
-        oks = torch.isfinite(torch.stack([r.A.sum() + r.G.sum()
-                                          for _, r in todo])).tolist()
+        oks = torch.isfinite(torch.stack([A.sum() + G.sum() for _, _, A, G in todo])).tolist()
         b = self.beta
-        for (st, r), ok in zip(todo, oks):
+        for (st, r, A, G), ok in zip(todo, oks):
             if not ok:
                 st.skipped_stats += 1
                 continue
             if st.stat_updates == 0 and not st.warm:
-                st.Omega = r.A.clone()
-                st.Gamma = r.G.clone()
+                st.Omega = A.clone()
+                st.Gamma = G.clone()
             else:  # beta X + (1 - beta) X_mb in one pass
-                st.Omega.lerp_(r.A, 1.0 - b)
-                st.Gamma.lerp_(r.G, 1.0 - b)
+                st.Omega.lerp_(A, 1.0 - b)
+                st.Gamma.lerp_(G, 1.0 - b)
             st.stat_updates += 1
             st.locations = r.locations
         self.curvature_updates += 1
@@ -518,11 +523,11 @@ class KFAC(KroneckerOptimizer):
             st.locations = locations
             return st
         rows, cols = layer.helper.dims()
-        dtype, device = self._curvature_dtype(layer.module), layer.module.weight.device
+        dtype, device = self._curvature_dtype(layer.module), layer.helper.weight.device
         root = math.sqrt(self.param_groups[0]["damping"])
         st = KFACLayerState(
             locations=locations,
-            buf=aligned_copy(torch.zeros(rows, cols, dtype=layer.module.weight.dtype,
+            buf=aligned_copy(torch.zeros(rows, cols, dtype=layer.helper.weight.dtype,
                                          device=device)),
             Omega=torch.zeros(cols, cols, dtype=dtype, device=device),
             Gamma=torch.zeros(rows, rows, dtype=dtype, device=device),
@@ -534,7 +539,7 @@ class KFAC(KroneckerOptimizer):
         return st
 
     def _layer_state_from_dict(self, d: dict[str, Any], layer: KroneckerLayer) -> KFACLayerState:
-        return KFACLayerState.from_state_dict(d, layer.module.weight.device,
+        return KFACLayerState.from_state_dict(d, layer.helper.weight.device,
                                               **self._layer_load_args(layer))
 
     def _precondition(self, layer: KroneckerLayer, st: KFACLayerState) -> Tensor:
@@ -565,7 +570,7 @@ class KFAC(KroneckerOptimizer):
         try:
             for i, batch in enumerate(inputs):
                 x = warm_start_input(batch, i).to(device)
-                records = self._factor_pass(lambda x=x: inner(x), "warm", i)
+                records = self._factor_pass(partial(inner, x), "warm", i)
                 self._check_records(records)
                 for name, r in records.items():
                     if r.calls != 1 or r.A is None or r.G is None:
@@ -605,7 +610,8 @@ class KFAC(KroneckerOptimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        extra = state_dict.get("kronecker", {}).get("kfac") if isinstance(state_dict, dict) else None
+        extra = (state_dict.get("kronecker", {}).get("kfac") if isinstance(state_dict, dict)
+                 else None)
         super().load_state_dict(state_dict)
         if extra is not None:
             self.seed = int(extra["seed"])

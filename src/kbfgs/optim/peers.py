@@ -14,14 +14,14 @@ Every peer skips a step whose loss or gradient is not finite, like the paper's m
 Newton-Schulz precision: ``torch.optim.Muon`` orthogonalises in bfloat16, which a GPU does fast
 and a CPU about 3x slower than float32. ``ns_dtype="auto"`` keeps torch's bfloat16 on CUDA and
 uses float32 elsewhere; :func:`newton_schulz` is torch's iteration with only the dtype chosen
-(equal to torch's function bit for bit in bfloat16, see tests/test_peers.py).
+(equal to torch's function bit for bit in bfloat16, see tests/optim/test_peers.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-from typing import Any, Callable, ClassVar
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -94,6 +94,7 @@ def _ns_precision(dtype: torch.dtype) -> Iterator[None]:
            eps: float) -> Tensor:
         return newton_schulz(grad, coefficients, steps, eps, dtype)
 
+    # called positionally by torch's Muon: only the parameter names differ
     _muon._zeropower_via_newtonschulz = ns  # type: ignore[assignment]
     try:
         yield
@@ -116,7 +117,9 @@ def muon_partition(model: nn.Module, hidden_only: bool = True
     if hidden_only:
         layers = layers[1:-1]
     chosen = {id(m.weight) for m in layers}
-    muon, rest, seen = [], [], set()
+    muon: list[nn.Parameter] = []
+    rest: list[nn.Parameter] = []
+    seen: set[int] = set()
     for p in model.parameters():
         if not p.requires_grad or id(p) in seen:
             continue
@@ -186,7 +189,8 @@ class MuonAdamW(SkipNonFinite, torch.optim.Optimizer):
         # same state) with the inner AdamW that computes the step.
         self._adamw = torch.optim.AdamW(rest or [torch.zeros(1)],
                                         lr=lr if adamw_lr is None else adamw_lr,
-                                        betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+                                        betas=cast("tuple[float, float]", tuple(betas)), eps=eps,
+                                        weight_decay=weight_decay)
         adamw_group = self._adamw.param_groups[0]
         adamw_group["use_muon"] = False
         adamw_group["params"] = rest
@@ -202,7 +206,7 @@ class MuonAdamW(SkipNonFinite, torch.optim.Optimizer):
         self._adamw.param_groups = [self.param_groups[1]]
         self._adamw.state = self.state
 
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss, ok = self._run_closure(closure)
         if ok:
             self._muon_step(self.param_groups[0])
@@ -270,14 +274,16 @@ _SKIPPING: dict[type, type] = {}
 def _with_skip(cls: type) -> type:
     """``cls`` (a torch optimizer) with the non-finite step skip and the step counters."""
     if cls not in _SKIPPING:
+        base: Any = cls  # a torch optimizer class: its __init__ and step take these arguments
+
         def __init__(self: Any, params: Any, *, check_finite: bool = True, **kw: Any) -> None:
-            cls.__init__(self, params, **kw)
+            base.__init__(self, params, **kw)
             self._init_counters(check_finite)
 
         def step(self: Any, closure: Callable[[], Any] | None = None) -> Any:
             loss, ok = self._run_closure(closure)
             if ok:
-                cls.step(self)
+                base.step(self)
                 self.steps += 1
             return loss
 
@@ -321,9 +327,22 @@ class _ShampooState:
         "pre_conditioner": ("statistics", "pre_conditioners"),
         "graft": ("momentum", "statistics"),
     }
+    # set by torch.optim.Optimizer and ScalableShampoo.__init__ (this class is mixed into it)
+    param_groups: list[dict[str, Any]]
+    state: dict[Tensor, dict[str, Any]]
+    inverse_exponent_override: int
+    block_size: int
+    skip_preconditioning_rank_lt: int
+    no_preconditioning_for_layers_with_dim_gt: int
+    shape_interpretation: bool
+    pre_conditioner_type: int
+    matrix_eps: float
+    use_svd: bool
+    graft_type: int
+    diagonal_eps: float
 
     def state_dict(self) -> dict[str, Any]:
-        sd = super().state_dict()  # type: ignore[misc]
+        sd = super().state_dict()  # type: ignore[misc]  # mixin: ScalableShampoo has it
         state = {}
         for k, st in sd["state"].items():
             st = dict(st)
@@ -338,10 +357,10 @@ class _ShampooState:
         from pytorch_optimizer.optimizer.utils.graft import build_graft
         from pytorch_optimizer.optimizer.utils.preconditioner import PreConditioner
 
-        super().load_state_dict(state_dict)  # type: ignore[misc]
-        for group in self.param_groups:  # type: ignore[attr-defined]
+        super().load_state_dict(state_dict)  # type: ignore[misc]  # mixin: ScalableShampoo has it
+        for group in self.param_groups:
             for p in group["params"]:
-                st = self.state.get(p)  # type: ignore[attr-defined]
+                st = self.state.get(p)
                 if not st or not isinstance(st.get("pre_conditioner"), dict):
                     continue
                 pc = PreConditioner(p, group["betas"][1], self.inverse_exponent_override,

@@ -31,7 +31,7 @@ def test_problem_names_and_bad_name():
     assert "mnist-autoencoder" in msg
     for name in expected:
         assert name in msg
-    with pytest.raises(ValueError, match="valid methods: .*kbfgs.*sgd-m"):
+    with pytest.raises(ValueError, match=r"valid methods: .*kbfgs.*sgd-m"):
         P.check_method("lbfgs")
 
 
@@ -305,7 +305,7 @@ def test_checkpoint_of_another_run_is_refused(tmp_path, monkeypatch):
         runner.run(a, tmp_path, progress=False, echo=lambda s: None)
     monkeypatch.delenv("KBFGS_FAIL_AT_ITER")
     runner.checkpoint_path(tmp_path, a).rename(runner.checkpoint_path(tmp_path, b))
-    with pytest.raises(ValueError, match="belongs to run .*seed1"):
+    with pytest.raises(ValueError, match=r"belongs to run .*seed1"):
         runner.run(b, tmp_path, progress=False, echo=lambda s: None)
     # --force discards it and runs afresh
     res, ran = runner.run(b, tmp_path, progress=False, echo=lambda s: None, force=True)
@@ -522,7 +522,6 @@ def test_figure_zoom_clips_the_initial_drop():
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     import numpy as np
 
     fig, ax = plt.subplots()

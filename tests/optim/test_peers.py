@@ -17,14 +17,6 @@ from kbfgs.optim import peers
 from kbfgs.optim.factory import valid_hps
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class ConvNet(nn.Module):
     """1x8x8 -> Conv -> BatchNorm -> Conv (hidden) -> Linear (hidden) -> Linear (3 classes)."""
 
@@ -73,7 +65,10 @@ def test_muon_takes_the_hidden_matrix_weights_and_adamw_the_rest():
     opt = kbfgs.make_optimizer("muon", m, lr=0.01)
     muon, adamw = opt.param_groups
     assert muon["use_muon"] and not adamw["use_muon"]
-    ids = lambda ps: {id(p) for p in ps}
+
+    def ids(ps):
+        return {id(p) for p in ps}
+
     # Muon's recommendation: the input and the output layer go to AdamW
     assert ids(muon["params"]) == ids([m.conv2.weight, m.fc1.weight])
     rest = [m.conv1.weight, m.conv1.bias, m.bn.weight, m.bn.bias, m.fc1.bias, m.fc2.weight,

@@ -19,14 +19,6 @@ import kbfgs
 pl = pytest.importorskip("lightning.pytorch")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 STEPS = 12
 UPDATE_FREQ = 2  # curvature steps: 2, 4, ..., 12 -> 6 extra closure calls
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+from functools import partial
 
 import pytest
 import torch
@@ -17,28 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import kbfgs
+from cases import CURVATURE_METHODS, curvature_optimizer, mlp
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _kbfgs(model, **kw):
-    kw = {"lr": 0.05, "damping": 1.0, **kw}
-    return kbfgs.KBFGS(model, **kw)
-
-
-def _kfac(model, **kw):
-    kw = {"lr": 0.05, "damping": 1.0, "likelihood": "gaussian", **kw}
-    return kbfgs.KFAC(model, **kw)
-
-
-OPTIMIZERS = {"kbfgs": _kbfgs, "kbfgs-l": lambda m, **kw: _kbfgs(m, history=5, **kw),
-              "kfac": _kfac}
+OPTIMIZERS = {name: partial(curvature_optimizer, name) for name in CURVATURE_METHODS}
+_kbfgs, _kfac = OPTIMIZERS["kbfgs"], OPTIMIZERS["kfac"]
 
 
 def _closure(opt, model, x, y, loss_fn, grads=None):
@@ -175,15 +158,9 @@ def test_output_layer_tied_to_an_embedding_is_demoted_with_a_warning(name):
 # ----------------------------------------------------------------------------------------------
 
 
-def _mlp(seed=0, dtype=torch.float32):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4), nn.Tanh(),
-                         nn.Linear(4, 3)).to(dtype)
-
-
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_layer_unfrozen_after_construction_is_trained(name):
-    model = _mlp()
+    model = mlp()
     for p in model[0].parameters():
         p.requires_grad_(False)
     opt = OPTIMIZERS[name](model)
@@ -203,7 +180,7 @@ def test_layer_unfrozen_after_construction_is_trained(name):
 
 
 def test_add_param_group_is_honoured_or_refused_clearly():
-    model = _mlp()
+    model = mlp()
     opt = _kbfgs(model)
     extra = nn.Parameter(torch.ones(3))
     try:
@@ -257,7 +234,7 @@ def _micro_closure(opt, model, x, y, loss_fn, k):
 def _micro_case(kind):
     torch.manual_seed(0)
     if kind == "mlp":
-        model = _mlp(dtype=torch.float64)
+        model = mlp(dtype=torch.float64)
         g = torch.Generator().manual_seed(2)
         data = [(torch.randn(8, 6, generator=g, dtype=torch.float64),
                  torch.randn(8, 3, generator=g, dtype=torch.float64)) for _ in range(7)]
@@ -334,7 +311,7 @@ BAD_VALUES = [
 def test_bad_hyperparameter_is_a_value_error_naming_it(name, value):
     kw = {"lr": 0.1, "damping": 1.0, name: value}
     with pytest.raises(ValueError, match=name):
-        kbfgs.KBFGS(_mlp(), **kw)
+        kbfgs.KBFGS(mlp(), **kw)
 
 
 @pytest.mark.parametrize("name,value", [("lr", float("nan")), ("lr", -1.0), ("damping", 0.0),
@@ -343,7 +320,7 @@ def test_bad_hyperparameter_is_a_value_error_naming_it(name, value):
 @pytest.mark.parametrize("opt_name", ["kbfgs", "kfac"])
 def test_bad_hyperparameter_set_mid_run_is_rejected_before_anything_changes(name, value,
                                                                             opt_name):
-    model = _mlp()
+    model = mlp()
     opt = OPTIMIZERS[opt_name](model)
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(8, 6, generator=g), torch.randn(8, 3, generator=g)
@@ -367,7 +344,7 @@ def test_bad_hyperparameter_set_mid_run_is_rejected_before_anything_changes(name
 
 
 def test_passing_parameters_instead_of_the_model_says_so():
-    model = _mlp()
+    model = mlp()
     with pytest.raises(TypeError, match="model itself"):
         kbfgs.KBFGS(model.parameters(), lr=0.1, damping=1.0)
     with pytest.raises(TypeError, match="model itself"):
@@ -383,11 +360,11 @@ def test_passing_parameters_instead_of_the_model_says_so():
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_warm_start_on_non_finite_data_is_a_clear_error_and_leaves_the_optimizer_usable(
         opt_name, bad):
-    model = _mlp()
+    model = mlp()
     opt = OPTIMIZERS[opt_name](model)
     x = torch.randn(16, 6)
     x[3, 2] = bad
-    with pytest.raises(ValueError, match="non-finite|NaN|nan|inf"):
+    with pytest.raises(ValueError, match=r"non-finite|NaN|nan|inf"):
         opt.warm_start([x])
     g = torch.Generator().manual_seed(1)
     xs, ys = torch.randn(8, 6, generator=g), torch.randn(8, 3, generator=g)
@@ -400,7 +377,7 @@ def test_warm_start_on_non_finite_data_is_a_clear_error_and_leaves_the_optimizer
 
 @pytest.mark.parametrize("opt_name", ["kbfgs", "kfac"])
 def test_empty_batch_is_a_clear_error(opt_name):
-    model = _mlp()
+    model = mlp()
     opt = OPTIMIZERS[opt_name](model)
     with pytest.raises(ValueError, match="empty"):
         opt.warm_start([torch.empty(0, 6)])
@@ -415,7 +392,7 @@ def test_empty_batch_is_a_clear_error(opt_name):
 
 
 def _trained(opt_factory, dtype=torch.float32, steps=3):
-    model = _mlp(dtype=dtype)
+    model = mlp(dtype=dtype)
     opt = opt_factory(model)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(8, 6, generator=g, dtype=dtype)
@@ -458,7 +435,7 @@ def test_load_state_dict_with_wrong_shapes_or_missing_keys_names_the_layer():
     torch.manual_seed(0)
     wider = nn.Sequential(nn.Linear(6, 7), nn.Tanh(), nn.Linear(7, 4), nn.Tanh(), nn.Linear(4, 3))
     opt2 = _kbfgs(wider)
-    with pytest.raises(ValueError, match="'0'|'2'"):
+    with pytest.raises(ValueError, match=r"'0'|'2'"):
         opt2.load_state_dict(sd)
     broken = copy.deepcopy(sd)
     layer = next(iter(broken["kronecker"]["layers"]))
@@ -478,7 +455,7 @@ def test_load_state_dict_with_wrong_shapes_or_missing_keys_names_the_layer():
 
 @pytest.mark.parametrize("skip", [["0"], [nn.Linear]])
 def test_skip_layers_by_name_or_type_are_other_parameters(skip):
-    model = _mlp()
+    model = mlp()
     opt = _kbfgs(model, skip_layers=skip)
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(8, 6, generator=g), torch.randn(8, 3, generator=g)

@@ -14,21 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import kbfgs
+from cases import mlp
 from kbfgs.optim.kbfgs import rounding_level_pair
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _mlp(dtype=torch.float32, seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4), nn.Tanh(),
-                         nn.Linear(4, 3)).to(dtype)
 
 
 def _bfgs(H, s, y):
@@ -45,7 +32,7 @@ def _bfgs(H, s, y):
 
 
 def test_bf16_curvature_matches_float64_reference_on_the_same_activations():
-    model = _mlp()
+    model = mlp()
     damping, beta, mu1 = 0.5, 0.9, 0.2
     opt = kbfgs.KBFGS(model, lr=0.05, damping=damping, beta=beta, mu1=mu1)
     g = torch.Generator().manual_seed(1)
@@ -109,7 +96,7 @@ def test_step_called_inside_autocast_keeps_float32_curvature(name):
     closure only."""
     results = []
     for outer in (False, True):
-        model = _mlp()
+        model = mlp()
         if name == "kfac":
             opt = kbfgs.KFAC(model, lr=0.05, damping=1.0, likelihood="gaussian", inv_freq=1)
         else:
@@ -146,7 +133,7 @@ def test_step_called_inside_autocast_keeps_float32_curvature(name):
 
 
 def _run_micro(make_opt, sizes, reduction, steps=4):
-    model = _mlp(torch.float64)
+    model = mlp(dtype=torch.float64)
     opt = make_opt(model)
     g = torch.Generator().manual_seed(2)
     for _ in range(steps):
@@ -253,7 +240,7 @@ def test_conv_feeding_batchnorm_keeps_H_G_at_identity_over_lambda_in_float64(his
 
 
 def _scaled_run(make_opt, scaler, steps=3, autocast_dtype=None, model_dtype=torch.float32):
-    model = _mlp(model_dtype)
+    model = mlp(dtype=model_dtype)
     opt = make_opt(model, scaler)
     g = torch.Generator().manual_seed(1)
     for _ in range(steps):
@@ -308,8 +295,8 @@ def test_kfac_grad_scaler_equals_unscaled_and_skips_overflow():
 
 
 def test_grad_scaler_is_checked():
-    with pytest.raises(TypeError, match="grad_scaler must be a torch.amp.GradScaler"):
-        kbfgs.KBFGS(_mlp(), lr=0.05, damping=1.0, grad_scaler=object())
+    with pytest.raises(TypeError, match=r"grad_scaler must be a torch.amp.GradScaler"):
+        kbfgs.KBFGS(mlp(), lr=0.05, damping=1.0, grad_scaler=object())
 
 
 def _cpu_fp16_autocast_works() -> bool:
@@ -349,7 +336,7 @@ def test_compiled_model_with_micro_batches_gives_the_eager_parameters():
     results = []
     for compiled in (False, True):
         torch._dynamo.reset()
-        model = _mlp(torch.float64)
+        model = mlp(dtype=torch.float64)
         net = torch.compile(model, backend="eager") if compiled else model
         opt = kbfgs.KBFGS(net, lr=0.05, damping=0.3, update_freq=2)
         assert [ly.name for ly in opt.layers] == ["0", "2", "4"]  # names of the inner model

@@ -33,15 +33,6 @@ from kbfgs.optim.kfac import sample_targets, sampling_seed
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is faster and immune to a loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ----------------------------------------------------------------------------------------------
 # Models, data, losses
 # ----------------------------------------------------------------------------------------------
@@ -365,7 +356,7 @@ def test_steps_match_dense_reference(kind, likelihood, stat_freq, inv_freq, wd, 
         x, y = make_data(kind, likelihood, seed=100 + k)
         opt.step(make_closure(opt, model, x, y, f))
         ref.step(x, y, f)
-        for (n, p), (n2, q) in zip(model.named_parameters(), twin.named_parameters()):
+        for (n, p), (_, q) in zip(model.named_parameters(), twin.named_parameters()):
             torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-11, msg=f"step {k + 1}: {n}")
         for (n, b), (_, c) in zip(model.named_buffers(), twin.named_buffers()):
             torch.testing.assert_close(b, c, rtol=1e-12, atol=1e-12, msg=f"step {k + 1}: {n}")
@@ -561,7 +552,8 @@ def test_resume_is_bit_identical(warm):
     f = loss_fn("categorical")
     data = [(x.float(), y) for x, y in
             (make_data("cnn", "categorical", seed=200 + k) for k in range(8))]
-    hp = {"lr": 0.05, "damping": 0.5, "stat_freq": 2, "inv_freq": 3, "weight_decay": 0.01, "seed": 11}
+    hp = {"lr": 0.05, "damping": 0.5, "stat_freq": 2, "inv_freq": 3, "weight_decay": 0.01,
+          "seed": 11}
 
     def run(model, opt, batches):
         for x, y in batches:

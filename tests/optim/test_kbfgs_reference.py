@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import copy
 import math
-import pathlib
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-# reference.py sits next to this file; import it whether or not tests/ is a package
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import kbfgs
 from reference import (
     Capture,
     ReferenceKBFGS,
@@ -32,28 +29,9 @@ from reference import (
     patches,
 )
 
-try:
-    import kbfgs
-except ImportError:  # package not installed: fall back to the src layout of this checkout
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "src"))
-    try:
-        import kbfgs
-    except ImportError:
-        kbfgs = None
-
 DT = torch.float64
 RTOL, ATOL = 1e-10, 1e-12
 STEPS = 6
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The models here are tiny: intra-op threads only add contention (and spin time on a
-    loaded machine). Restored after each test."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,19 +151,7 @@ def _assert_model_close(lib_model, ref_model, step, what=""):
             msg=lambda m, n=n1: f"{what} step {step}: buffer {n} differs from reference\n{m}")
 
 
-def make_opt_or_skip(model, hp, optional_keys=()):
-    if kbfgs is None or not hasattr(kbfgs, "KBFGS"):
-        pytest.skip("kbfgs.KBFGS not importable")
-    try:
-        return kbfgs.KBFGS(model, **hp)
-    except (ValueError, TypeError, NotImplementedError) as e:
-        if any(k in hp for k in optional_keys):
-            pytest.skip(f"KBFGS does not accept {hp}: {e}")
-        raise
-
-
-def run_and_compare(kind, hp, warm, loss="mse", steps=STEPS, seed=0, optional_keys=(),
-                    lr_schedule=None):
+def run_and_compare(kind, hp, warm, loss="mse", steps=STEPS, seed=0, lr_schedule=None):
     build = BUILDERS[kind]
     if kind == "cnn":
         loss = "ce"
@@ -195,7 +161,7 @@ def run_and_compare(kind, hp, warm, loss="mse", steps=STEPS, seed=0, optional_ke
     lib_model.train()
     ref_model.train()
 
-    opt = make_opt_or_skip(lib_model, hp, optional_keys)
+    opt = kbfgs.KBFGS(lib_model, **hp)
     ref = ReferenceKBFGS(ref_model, **hp)
 
     data = make_data(kind, steps, seed + 1, loss)
@@ -330,7 +296,7 @@ def test_matches_reference_dense_curvature_exercised():
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
 def test_variant_double_damping(kind):
     hp = dict(BASE, update_freq=1, history=None, damping_rule="dd")
-    ref = run_and_compare(kind, hp, warm=True, optional_keys=("damping_rule",))
+    ref = run_and_compare(kind, hp, warm=True)
     assert 0 < ref.counts["dd_damped"] < ref.counts["curvature_updates"]
 
 
@@ -338,19 +304,18 @@ def test_variant_double_damping(kind):
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
 def test_variant_moving_average(kind, warm):
     hp = dict(BASE, update_freq=1, history=None, hessian_action="moving_average")
-    run_and_compare(kind, hp, warm=warm, optional_keys=("hessian_action",))
+    run_and_compare(kind, hp, warm=warm)
 
 
 def test_variant_sqrt_split():
     hp = dict(BASE, update_freq=1, history=2, damping_split="sqrt")
-    run_and_compare("cnn", hp, warm=True, optional_keys=("damping_split",))
+    run_and_compare("cnn", hp, warm=True)
 
 
 def test_variant_kbfgs20_all_three():
     hp = dict(BASE, update_freq=1, history=None, damping_rule="dd",
               hessian_action="moving_average", damping_split="sqrt")
-    run_and_compare("cnn", hp, warm=True,
-                    optional_keys=("damping_rule", "hessian_action", "damping_split"))
+    run_and_compare("cnn", hp, warm=True)
 
 
 # -- further public behaviour that the reference pins down ----------------------------------
@@ -358,7 +323,8 @@ def test_variant_kbfgs20_all_three():
 
 @pytest.mark.parametrize("history", [None, 2], ids=["bfgs", "lbfgs2"])
 def test_matches_reference_linear_on_positions(history):
-    """spec section 1: a Linear on (batch, positions, features) has |T| = positions, Linear split."""
+    """spec section 1: a Linear on (batch, positions, features) has |T| = positions, Linear
+    split."""
     hp = dict(BASE, update_freq=1, history=history)
     run_and_compare("seq", hp, warm=True)
 
@@ -367,7 +333,7 @@ def test_matches_reference_linear_on_positions(history):
 def test_matches_reference_sum_reduction(kind):
     """loss_reduction="sum": the closure returns the batch sum, so Dh(n) = d loss / d h(n)."""
     hp = dict(BASE, lr=0.005, update_freq=1, history=None, loss_reduction="sum")
-    run_and_compare(kind, hp, warm=True, loss="mse_sum", optional_keys=("loss_reduction",))
+    run_and_compare(kind, hp, warm=True, loss="mse_sum")
 
 
 def test_matches_reference_lr_changed_between_steps():

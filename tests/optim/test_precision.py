@@ -11,14 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kbfgs
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from cases import mlp
 
 
 class ConvBN(nn.Module):
@@ -94,14 +87,9 @@ def test_conv_feeding_batchnorm_channels_last_equals_contiguous():
 # ----------------------------------------------------------------------------------------------
 
 
-def _mlp(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
-
-
 @pytest.mark.parametrize("name", ["kbfgs", "kbfgs-l", "kfac"])
 def test_bf16_autocast_trains_with_float32_curvature(name):
-    model = _mlp()
+    model = mlp()
     if name == "kfac":
         opt = kbfgs.KFAC(model, lr=0.05, damping=1.0, likelihood="gaussian")
     else:
@@ -128,10 +116,10 @@ def test_bf16_autocast_trains_with_float32_curvature(name):
 
 
 def test_grad_scaler_unscales_and_skips_an_overflow_with_state_unchanged():
-    model = _mlp()
+    model = mlp()
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
     opt = kbfgs.KBFGS(model, lr=0.05, damping=1.0, grad_scaler=scaler)
-    ref_model = _mlp()
+    ref_model = mlp()
     ref = kbfgs.KBFGS(ref_model, lr=0.05, damping=1.0)
     g = torch.Generator().manual_seed(1)
     data = [(torch.randn(16, 6, generator=g), torch.randn(16, 3, generator=g)) for _ in range(4)]
@@ -167,7 +155,7 @@ def test_grad_scaler_unscales_and_skips_an_overflow_with_state_unchanged():
 
 
 def test_in_extra_pass_flag_tells_the_closure_which_pass_runs():
-    model = _mlp()
+    model = mlp()
     opt = kbfgs.KBFGS(model, lr=0.05, damping=1.0, update_freq=2)
     seen = []
     g = torch.Generator().manual_seed(1)
@@ -195,7 +183,7 @@ def test_compiled_model_gives_the_eager_losses_with_few_recompilations(name):
     dynamo.reset()
     losses = {}
     for compiled in (False, True):
-        model = _mlp()
+        model = mlp()
         net = torch.compile(model, backend="eager") if compiled else model
         if name == "kfac":
             opt = kbfgs.KFAC(net, lr=0.05, damping=1.0, likelihood="gaussian", stat_freq=2,
@@ -207,7 +195,7 @@ def test_compiled_model_gives_the_eager_losses_with_few_recompilations(name):
         for _ in range(12):
             x, y = torch.randn(16, 6, generator=g), torch.randn(16, 3, generator=g)
 
-            def closure(x=x, y=y):
+            def closure(x=x, y=y, opt=opt, net=net):
                 opt.zero_grad()
                 loss = 0.5 * (net(x) - y).pow(2).sum(1).mean()
                 loss.backward()

@@ -5,28 +5,17 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
-sys.path.insert(0, str(BENCH))
+import common  # bench/common.py: bench/ is on pytest's pythonpath (pyproject.toml)
+import op_count
+import step_time
+import time_to_loss
 
-import common  # noqa: E402
-import op_count  # noqa: E402
-import step_time  # noqa: E402
-import time_to_loss  # noqa: E402
-
+# the benchmarks' --threads sets torch's global thread count: tests/conftest.py restores it
 pytestmark = pytest.mark.fast
-
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    n = torch.get_num_threads()  # the benchmarks' --threads sets torch's global thread count
-    yield
-    torch.set_num_threads(n)
 
 
 def test_step_time_tiny(tmp_path):
@@ -83,11 +72,12 @@ def test_state_bytes_counts_layer_state_once():
     x = torch.randn(5, 3)
     opt.step(common.make_closure(opt, model, x, torch.randn(5, 2),
                                  lambda o, t: (o - t).square().sum() / o.shape[0]))
-    # per layer: buf (out x in+1), H_A (in+1)^2, H_G out^2, s_G, y_G (out), 3 scalars
+    # per layer: buf (out x in+1), H_A (in+1)^2, H_G out^2, s_G, y_G (out), 5 scalars: the
+    # int64 counters skipped_A, skipped_G, skipped_G_rounding and the float32 theta, Dh_scale
     # (the preconditioning scratch is one transient buffer shared by all layers, not state)
     expect = 0
     for i, o in ((3, 4), (4, 2)):
-        expect += 4 * (o * (i + 1) + (i + 1) ** 2 + o * o + 2 * o) + 8 * 2 + 4
+        expect += 4 * (o * (i + 1) + (i + 1) ** 2 + o * o + 2 * o) + 8 * 3 + 4 * 2
     assert common.state_bytes(opt) == expect
 
 
@@ -103,7 +93,7 @@ def test_time_to_loss_tiny(tmp_path, monkeypatch):
                        "--targets", "1e9,1", "--threads", "1", "--out", str(out)])
     res = json.loads(out.read_text())
     assert list(res["table"]) == ["sgd-m", "kbfgs", "kfac(1,20)"]
-    for lab, r in res["table"].items():
+    for r in res["table"].values():
         assert r["time_to_target"]["1000000000.0"] == 0.0  # reached at the start
         assert r["time_to_target"]["1.0"] is None
         assert r["steps"] >= 2 and not r["diverged"]

@@ -15,27 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-try:
-    import kbfgs
-except ImportError:  # package not installed: fall back to the src layout of this checkout
-    import pathlib
-    import sys
-
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "src"))
-    import kbfgs
-
-pytestmark = pytest.mark.skipif(not hasattr(kbfgs, "KBFGS"), reason="kbfgs.KBFGS not available")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The models here are tiny: intra-op threads only add contention (and spin time on a
-    loaded machine). Restored after each test."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
+import kbfgs
 
 # ----------------------------------------------------------------------------------------------
 # Helpers
@@ -218,7 +198,7 @@ def test_unsupported_layers_fall_back_with_warning(case):
     lr, damping, mom = 0.05, 0.5, 0.9
     names = [f"{modname}.weight", f"{modname}.bias"]
 
-    with pytest.warns(UserWarning, match=re.escape(modname)):  # noqa: PT031
+    with pytest.warns(UserWarning, match=re.escape(modname)):
         opt = kbfgs.KBFGS(model, lr=lr, damping=damping, momentum=mom, update_freq=1)
         x, y = batches[0]
         opt.step(make_closure(opt, model, x, y, F.mse_loss))
@@ -266,8 +246,8 @@ def _train(opt, model, batches):
 @pytest.mark.parametrize("via", ["deepcopy", "torch.save"])
 @pytest.mark.parametrize("update_freq,history", [(3, None), (1, 2)], ids=["T3-bfgs", "T1-lbfgs2"])
 def test_resume_is_bit_identical(update_freq, history, via):
-    hp = {"lr": 0.05, "damping": 0.3, "momentum": 0.9, "update_freq": update_freq, "history": history,
-              "weight_decay": 1e-3}
+    hp = {"lr": 0.05, "damping": 0.3, "momentum": 0.9, "update_freq": update_freq,
+          "history": history, "weight_decay": 1e-3}
     batches = cnn_batches(10)
     warm = [x for x, _ in cnn_batches(2, seed=50)]
 
@@ -380,7 +360,7 @@ def test_non_finite_step_is_skipped(kind):
     skipped_before = _skip_count(opt)
 
     x, y = batches[3]  # step 4 would be a curvature-update step (update_freq 2)
-    with pytest.warns(Warning):  # noqa: PT031
+    with pytest.warns(Warning):
         if kind == "nan_loss":
             opt.step(_nan_loss_closure(opt, model, x, y))
         else:

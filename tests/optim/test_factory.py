@@ -16,16 +16,9 @@ import kbfgs
 from kbfgs.optim.factory import OPTIMIZER_NAMES, PEER_NAMES, describe, title, valid_hps
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class SmallCNN(nn.Module):
-    """1x8x8 -> Conv(s2, p1) -> BatchNorm -> ReLU -> bias-free Conv -> ReLU -> Linear (3 classes)."""
+    """1x8x8 -> Conv(s2, p1) -> BatchNorm -> ReLU -> bias-free Conv -> ReLU -> Linear (3 classes).
+    """
 
     def __init__(self):
         super().__init__()
@@ -71,6 +64,7 @@ TRAIN_HPS = {
     "kfac": {"lr": 0.1, "damping": 0.3},
     "adam": {"lr": 0.01, "damping": 1e-8},
     "sgd-m": {"lr": 0.1},
+    "kbfgs-plus": {"lr": 0.01},
     "muon": {"lr": 0.02},
     "soap": {"lr": 0.01},
     "shampoo": {"lr": 1e-3},
@@ -237,7 +231,8 @@ def test_adam_is_kingma_ba_with_eps_damping_and_decoupled_weight_decay():
             torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("name,hp", [("sgd-m", {"lr": 0.1}), ("adam", {"lr": 0.01, "damping": 1e-8})])
+@pytest.mark.parametrize("name,hp", [("sgd-m", {"lr": 0.1}),
+                                     ("adam", {"lr": 0.01, "damping": 1e-8})])
 def test_first_order_non_finite_step_is_skipped_and_resume_is_exact(name, hp):
     model = make_cnn()
     x, y = fixed_batch()

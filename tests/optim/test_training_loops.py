@@ -2,8 +2,8 @@
 what the closure sees, loops without a closure, hyper-parameters changed mid-run, and
 ``load_state_dict`` refusing a mismatch without changing anything.
 
-The acceptance tests of these items are in tests/test_user_models.py and
-tests/test_precision.py; these cover the remaining cases.
+The acceptance tests of these items are in tests/optim/test_user_models.py and
+tests/optim/test_precision.py; these cover the remaining cases.
 """
 
 from __future__ import annotations
@@ -15,24 +15,12 @@ import torch
 from torch import nn
 
 import kbfgs
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from cases import curvature_optimizer, regression_data
 
 
 def _mlp(dtype=torch.float32, seed=0):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).to(dtype)
-
-
-def _data(dtype=torch.float32):
-    g = torch.Generator().manual_seed(1)
-    return torch.randn(8, 6, generator=g, dtype=dtype), torch.randn(8, 3, generator=g, dtype=dtype)
 
 
 def _closure(opt, model, x, y, seen=None):
@@ -47,15 +35,8 @@ def _closure(opt, model, x, y, seen=None):
     return closure
 
 
-def _make(name, model, **kw):
-    if name == "kfac":
-        return kbfgs.KFAC(model, lr=0.05, damping=1.0, likelihood="gaussian", **kw)
-    return kbfgs.KBFGS(model, lr=0.05, damping=1.0, history=5 if name == "kbfgs-l" else None,
-                       **kw)
-
-
 def _steps(opt, model, n, dtype=torch.float32):
-    x, y = _data(dtype)
+    x, y = regression_data(6, 3, dtype)
     for _ in range(n):
         opt.step(_closure(opt, model, x, y))
 
@@ -71,7 +52,7 @@ def test_kfac_closure_never_runs_in_the_extra_pass():
     opt = kbfgs.KFAC(model, lr=0.05, damping=1.0, likelihood="gaussian", stat_freq=1,
                      inv_freq=2)
     seen = []
-    x, y = _data()
+    x, y = regression_data(6, 3)
     for _ in range(4):
         opt.step(_closure(opt, model, x, y, seen))
     assert seen == [False] * 4
@@ -81,7 +62,7 @@ def test_kfac_closure_never_runs_in_the_extra_pass():
 def test_flag_is_reset_when_the_extra_pass_raises():
     model = _mlp()
     opt = kbfgs.KBFGS(model, lr=0.05, damping=1.0)
-    x, y = _data()
+    x, y = regression_data(6, 3)
 
     def closure():
         if opt.in_extra_pass:
@@ -98,8 +79,8 @@ def test_flag_is_reset_when_the_extra_pass_raises():
 def test_step_without_a_closure_names_the_unsupported_loops(name):
     # the Hugging Face Trainer and GradScaler.step call optimizer.step() without a closure
     model = _mlp()
-    opt = _make(name, model)
-    x, y = _data()
+    opt = curvature_optimizer(name, model)
+    x, y = regression_data(6, 3)
     _closure(opt, model, x, y)()
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(RuntimeError, match="closure") as info:
@@ -117,7 +98,7 @@ def test_step_without_a_closure_names_the_unsupported_loops(name):
 def test_lr_zero_set_by_a_scheduler_is_accepted_and_moves_nothing(name):
     # a warm-up schedule starts at lr = 0: refused at construction, accepted mid-run
     model = _mlp()
-    opt = _make(name, model)
+    opt = curvature_optimizer(name, model)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, k / 3))
     assert opt.param_groups[0]["lr"] == 0.0
     before = [p.detach().clone() for p in model.parameters()]
@@ -148,10 +129,10 @@ def test_bad_lr_of_an_added_group_is_refused_naming_the_group(value):
 @pytest.mark.parametrize("name", ["kbfgs", "kbfgs-l", "kfac"])
 def test_loaded_float32_state_equals_the_saved_values_in_float64(name):
     model32 = _mlp()
-    opt32 = _make(name, model32)
+    opt32 = curvature_optimizer(name, model32)
     _steps(opt32, model32, 3)
     model64 = _mlp(torch.float64)
-    opt64 = _make(name, model64)
+    opt64 = curvature_optimizer(name, model64)
     opt64.load_state_dict(opt32.state_dict())
     saved, loaded = opt32.state_dict(), opt64.state_dict()
     for layer, st in saved["kronecker"]["layers"].items():
@@ -168,10 +149,10 @@ def test_loaded_float32_state_equals_the_saved_values_in_float64(name):
 
 def test_float64_state_loads_into_a_float32_model_as_float32():
     model64 = _mlp(torch.float64)
-    opt64 = _make("kbfgs", model64)
+    opt64 = curvature_optimizer("kbfgs", model64)
     _steps(opt64, model64, 2, torch.float64)
     model32 = _mlp()
-    opt32 = _make("kbfgs", model32)
+    opt32 = curvature_optimizer("kbfgs", model32)
     opt32.load_state_dict(opt64.state_dict())
     for st in opt32.layer_state.values():
         assert st.H_A.dtype == st.H_G.dtype == st.buf.dtype == torch.float32
@@ -206,13 +187,13 @@ def _mutations():
 @pytest.mark.parametrize("mutate,match", _mutations(), ids=lambda v: getattr(v, "__name__", ""))
 def test_a_refused_load_names_the_mismatch_and_changes_nothing(mutate, match):
     model = _mlp()
-    opt = _make("kbfgs", model)
+    opt = curvature_optimizer("kbfgs", model)
     _steps(opt, model, 3)
     good = opt.state_dict()
     bad = copy.deepcopy(good)
     mutate(bad)
     twin_model = copy.deepcopy(model)
-    twin = _make("kbfgs", twin_model)
+    twin = curvature_optimizer("kbfgs", twin_model)
     twin.load_state_dict(copy.deepcopy(good))
     # a fresh optimizer, then a run of 2 steps: the refused load must not change it
     with pytest.raises(ValueError, match=match):
@@ -236,13 +217,13 @@ def test_state_saved_before_the_new_keys_still_loads():
     # a state_dict without the "optimizer" / "history" keys (saved before issue 11) is
     # recognised from its layer state
     model = _mlp()
-    opt = _make("kbfgs-l", model)
+    opt = curvature_optimizer("kbfgs-l", model)
     _steps(opt, model, 2)
     sd = opt.state_dict()
     del sd["kronecker"]["optimizer"], sd["kronecker"]["history"]
-    dense = _make("kbfgs", _mlp())
+    dense = curvature_optimizer("kbfgs", _mlp())
     with pytest.raises(ValueError, match="L-BFGS"):
         dense.load_state_dict(copy.deepcopy(sd))
-    again = _make("kbfgs-l", _mlp())
+    again = curvature_optimizer("kbfgs-l", _mlp())
     again.load_state_dict(sd)
     assert again.steps == 2

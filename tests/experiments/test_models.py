@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 import pytest
@@ -37,7 +38,7 @@ def test_mnist_autoencoder_param_count() -> None:
 def test_other_autoencoder_param_counts() -> None:
     for widths, build in ((M.FACES_WIDTHS, M.faces_autoencoder),
                           (M.CURVES_WIDTHS, M.curves_autoencoder)):
-        expected = sum((a + 1) * b for a, b in zip(widths[:-1], widths[1:]))
+        expected = sum((a + 1) * b for a, b in itertools.pairwise(widths))
         assert n_params(build()) == expected
 
 

@@ -4,11 +4,10 @@ runner's method registry and the benchmarks' hyper-parameters agree with them by
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
+import common  # bench/common.py: bench/ is on pytest's pythonpath (pyproject.toml)
+import time_to_loss
 from kbfgs.experiments import paper
 from kbfgs.experiments.problems import (
     METHOD_FACTORY,
@@ -20,12 +19,6 @@ from kbfgs.experiments.problems import (
     get_problem,
 )
 from kbfgs.optim.factory import OPTIMIZER_NAMES, title, valid_hps
-
-BENCH = Path(__file__).resolve().parent.parent / "bench"
-sys.path.insert(0, str(BENCH))
-
-import common
-import time_to_loss
 
 _AE = {"mnist": "mnist-ae", "faces": "faces-ae", "curves": "curves-ae"}
 
@@ -46,12 +39,16 @@ def test_autoencoder_defaults_are_table6(dataset):
 @pytest.mark.parametrize("name", sorted(paper.TABLE8))
 def test_cnn_defaults_are_table8(name):
     p = get_problem(name)
-    assert set(p.hps) == set(paper.TABLE8[name])
+    assert set(p.hps) == set(paper.TABLE8[name]) | {"kbfgs-plus"}
     for method, (lr, wd, damping) in paper.TABLE8[name].items():
         hp = p.defaults(method)
         assert (hp["lr"], hp["weight_decay"], hp.get("damping")) == (lr, wd, damping)
     assert p.defaults("kbfgs")["update_freq"] == 20
     assert (p.defaults("kfac")["stat_freq"], p.defaults("kfac")["inv_freq"]) == (10, 100)
+    # kbfgs-plus: its one setting, with K-BFGS's T and decay per step (lr * wd)
+    plus, kb = p.defaults("kbfgs-plus"), p.defaults("kbfgs")
+    assert (plus["lr"], plus["damping"], plus["update_freq"]) == (3e-3, 1.0, 20)
+    assert plus["lr"] * plus["weight_decay"] == pytest.approx(kb["lr"] * kb["weight_decay"])
 
 
 def test_the_former_copies_agree_by_construction():
@@ -85,6 +82,7 @@ def test_the_runner_registry_reads_the_library_registry():
     assert METHOD_TITLES["kbfgs-t20"] == "K-BFGS \u2020 (T=20)"
     assert METHODS[:10] == ("kbfgs", "kbfgs-t20", "kbfgs-no-dpdlm", "kbfgs-no-minibatch",
                             "kbfgs-l", "kbfgs-20", "kbfgs-l-20", "kfac", "adam", "sgd-m")
-    assert METHODS[10:] == PEERS
+    assert METHODS[10] == "kbfgs-plus"
+    assert METHODS[11:] == PEERS
     assert METHOD_HPS["kfac"] == ("lr", "damping", "weight_decay", "momentum", "stat_freq",
                                   "inv_freq", "likelihood")

@@ -13,26 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import kbfgs
+from cases import CURVATURE_METHODS, curvature_optimizer, regression_data
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _make(name, model, **kw):
-    kw = {"lr": 0.05, "damping": 1.0, **kw}
-    if name == "kfac":
-        return kbfgs.KFAC(model, likelihood="gaussian", **kw)
-    if name == "kbfgs-l":
-        return kbfgs.KBFGS(model, history=5, **kw)
-    return kbfgs.KBFGS(model, **kw)
-
-
-NAMES = ["kbfgs", "kbfgs-l", "kfac"]
+NAMES = list(CURVATURE_METHODS)
 
 
 def _closure(opt, model, x, y, grads=None):
@@ -48,12 +31,6 @@ def _closure(opt, model, x, y, grads=None):
         return loss
 
     return closure
-
-
-def _data(d_in, d_out, dtype=torch.float32, n=8):
-    g = torch.Generator().manual_seed(1)
-    return (torch.randn(n, d_in, generator=g, dtype=dtype),
-            torch.randn(n, d_out, generator=g, dtype=dtype))
 
 
 def _caught(fn):
@@ -81,14 +58,14 @@ def _expected_bytes(name, rows, cols, itemsize):
 def test_size_guard_on_H_A_demotes_with_the_memory_it_would_need(name, dtype):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(20, 3), nn.Tanh(), nn.Linear(3, 2)).to(dtype)
-    opt, msgs = _caught(lambda: _make(name, model, momentum=0.0, max_factor_dim=16))
+    opt, msgs = _caught(lambda: curvature_optimizer(name, model, momentum=0.0, max_factor_dim=16))
     itemsize = 4 if dtype == torch.float32 else 8
     need = _expected_bytes(name, 3, 21, itemsize)  # cols = 20 inputs + bias
     hits = [m for m in msgs if "'0'" in m]
     assert len(hits) == 1, msgs
     assert f"{need} bytes" in hits[0] and "max_factor_dim=16" in hits[0]
     assert not [m for m in msgs if "'2'" in m]
-    x, y = _data(20, 2, dtype)
+    x, y = regression_data(20, 2, dtype)
     grads: dict = {}
     w0 = model[0].weight.detach().clone()
     opt.step(_closure(opt, model, x, y, grads))
@@ -101,7 +78,7 @@ def test_size_guard_on_H_A_demotes_with_the_memory_it_would_need(name, dtype):
 def test_size_guard_on_H_G_counts_only_dense_factors(name, demoted):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 20), nn.Tanh(), nn.Linear(20, 2, bias=False))
-    opt, msgs = _caught(lambda: _make(name, model, max_factor_dim=16))
+    opt, msgs = _caught(lambda: curvature_optimizer(name, model, max_factor_dim=16))
     hits = [m for m in msgs if "'0'" in m]
     if demoted:
         assert len(hits) == 1 and f"{_expected_bytes(name, 20, 4, 4)} bytes" in hits[0]
@@ -109,7 +86,7 @@ def test_size_guard_on_H_G_counts_only_dense_factors(name, demoted):
         assert not hits
     # layer '2' has 20 input columns (no bias): above the guard for every optimizer
     assert len([m for m in msgs if "'2'" in m]) == 1
-    x, y = _data(3, 2)
+    x, y = regression_data(3, 2)
     opt.step(_closure(opt, model, x, y))
     assert ("0" in opt.stats(condition=False)["layers"]) is not demoted
 
@@ -150,9 +127,9 @@ def test_memory_usage_counts_the_state_by_part(name):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4), nn.LayerNorm(4),
                           nn.Linear(4, 3)).double()
-    opt = _make(name, model)
+    opt = curvature_optimizer(name, model)
     assert opt.memory_usage()["total"] == 0  # nothing allocated before the first step
-    x, y = _data(6, 3, torch.float64)
+    x, y = regression_data(6, 3, torch.float64)
     for _ in range(2):
         opt.step(_closure(opt, model, x, y))
     mem = opt.memory_usage()
@@ -184,7 +161,7 @@ def test_memory_usage_of_a_wide_layer_is_dominated_by_H_A():
     torch.manual_seed(0)
     model = nn.Linear(300, 2)
     opt = kbfgs.KBFGS(model, lr=0.1, damping=1.0)
-    x, y = _data(300, 2)
+    x, y = regression_data(300, 2)
     opt.step(_closure(opt, model, x, y))
     mem = opt.memory_usage()
     # H_A is 301 x 301 float32, rows padded to 304 (64-byte multiples)
@@ -216,7 +193,7 @@ class Net(nn.Module):
 def test_skip_layers_by_prefix_name_or_type(name, skip, left):
     torch.manual_seed(0)
     model = Net()
-    opt, msgs = _caught(lambda: _make(name, model, skip_layers=skip))
+    opt, msgs = _caught(lambda: curvature_optimizer(name, model, skip_layers=skip))
     assert not msgs  # skipping is the user's choice: no warning
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(4, 2, 4, 4, generator=g), torch.randn(4, 2, generator=g)
@@ -261,7 +238,7 @@ def test_attention_as_the_only_kronecker_layer_does_not_crash_the_extra_pass(nam
     model = AttentionOnly()
     idx = torch.randint(0, 7, (4, 5))
     y = torch.randn(4, 5, 8)
-    opt = _make(name, model)
+    opt = curvature_optimizer(name, model)
     w0 = model.attn.out_proj.weight.detach().clone()
     _, msgs = _caught(lambda: [opt.step(_closure(opt, model, idx, y)) for _ in range(3)])
     assert len([m for m in msgs if "attn.out_proj" in m]) == 1
@@ -290,8 +267,8 @@ class Switch(nn.Module):
 def test_layer_whose_forward_stops_running_is_demoted_at_its_next_recorded_step(name):
     torch.manual_seed(0)
     model = Switch()
-    opt = _make(name, model)
-    x, y = _data(4, 3)
+    opt = curvature_optimizer(name, model)
+    x, y = regression_data(4, 3)
     closure = _closure(opt, model, x, y)
     for _ in range(2):
         opt.step(closure)
@@ -320,10 +297,10 @@ def test_any_parameter_shared_with_another_module_demotes_the_layer(name):
             return self.out(self.norm(self.fc(x)))
 
     model = Shared()
-    opt, msgs = _caught(lambda: _make(name, model))
+    opt, msgs = _caught(lambda: curvature_optimizer(name, model))
     hits = [m for m in msgs if "'fc'" in m]
     assert len(hits) == 1 and "'norm'" in hits[0] and "weight tying" in hits[0]
-    x, y = _data(4, 2)
+    x, y = regression_data(4, 2)
     opt.step(_closure(opt, model, x, y))
     assert set(opt.stats(condition=False)["layers"]) == {"out"}
 
@@ -334,7 +311,7 @@ def test_unfrozen_layer_carries_its_momentum_into_its_kronecker_state():
     for p in model[0].parameters():
         p.requires_grad_(False)
     opt = kbfgs.KBFGS(model, lr=0.05, damping=2.0, momentum=0.9)
-    x, y = _data(6, 3, torch.float64)
+    x, y = regression_data(6, 3, torch.float64)
     grads: dict = {}
     closure = _closure(opt, model, x, y, grads)
     opt.step(closure)
@@ -361,8 +338,8 @@ def test_unfrozen_layer_carries_its_momentum_into_its_kronecker_state():
 def test_bias_of_a_layer_whose_weight_is_frozen_later_is_still_trained(name):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
-    opt = _make(name, model, momentum=0.0)
-    x, y = _data(6, 3)
+    opt = curvature_optimizer(name, model, momentum=0.0)
+    x, y = regression_data(6, 3)
     grads: dict = {}
     closure = _closure(opt, model, x, y, grads)
     opt.step(closure)
@@ -384,7 +361,7 @@ def test_resumed_fine_tuning_run_restores_the_unfrozen_layer():
             for p in model[0].parameters():
                 p.requires_grad_(True)
             opt.load_state_dict(resume[1])
-        x, y = _data(6, 3, torch.float64)
+        x, y = regression_data(6, 3, torch.float64)
         closure = _closure(opt, model, x, y)
         for i in range(steps):
             if resume is None and i == 1:
@@ -405,8 +382,8 @@ def test_resumed_fine_tuning_run_restores_the_unfrozen_layer():
 @pytest.mark.parametrize("name", ["kbfgs", "kfac"])
 def test_add_param_group_is_refused_like_lbfgs(name):
     model = nn.Linear(3, 2)
-    opt = _make(name, model)
-    with pytest.raises(ValueError, match="per-parameter options.*requires_grad=True"):
+    opt = curvature_optimizer(name, model)
+    with pytest.raises(ValueError, match=r"per-parameter options.*requires_grad=True"):
         opt.add_param_group({"params": [nn.Parameter(torch.ones(2))], "lr": 0.5})
     assert len(opt.param_groups) == 1
 
@@ -426,7 +403,7 @@ def test_frozen_layers_cost_no_curvature_memory():
     model = nn.Sequential(nn.Linear(200, 5), nn.Tanh(), nn.Linear(5, 3))
     model[0].requires_grad_(False)
     opt = kbfgs.KBFGS(model, lr=0.1, damping=1.0)
-    x, y = _data(200, 3)
+    x, y = regression_data(200, 3)
     for _ in range(2):
         opt.step(_closure(opt, model, x, y))
     mem = opt.memory_usage()
