@@ -118,7 +118,7 @@ def family_hps(family: str) -> dict[str, dict[str, Any]]:
 
     problem = get_problem(FAMILY_PROBLEM[family])
     out: dict[str, dict[str, Any]] = {}
-    for name in ("sgd-m", "adam", "kbfgs", "kbfgs-l", "kbfgs-20", "kfac"):
+    for name in ("sgd-m", "adam", "kbfgs", "kbfgs-l", "kbfgs-20", "kfac", "kbfgs-plus"):
         if name not in problem.hps:
             continue
         hp = {k: v for k, v in problem.defaults(name).items() if k in _HP_KEYS}
@@ -138,6 +138,8 @@ METHODS: dict[str, Method] = {m.label: m for m in [
     Method("kbfgs-l(T=1)", "kbfgs-l", {"update_freq": 1, "history": 100}, (1,)),
     Method("kbfgs-20(T=1)", "kbfgs-20", {"update_freq": 1}, (1,)),
     Method("kfac(1,20)", "kfac", {"stat_freq": 1, "inv_freq": 20}, (1, 20)),
+    Method("kbfgs-plus(T=3)", "kbfgs-plus", {"update_freq": 3}, (3,)),
+    Method("kbfgs-plus(T=20)", "kbfgs-plus", {"update_freq": 20}, (20,)),
     Method("kfac(10,100)", "kfac", {"stat_freq": 10, "inv_freq": 100}, (10, 100)),
 ]}
 #: short command-line aliases
@@ -146,6 +148,7 @@ ALIASES = {
     "kbfgs-l": "kbfgs-l(T=20)", "kbfgs-l1": "kbfgs-l(T=1)", "kbfgs-l-t20": "kbfgs-l(T=20)",
     "kbfgs-20": "kbfgs-20(T=1)",
     "kfac": "kfac(1,20)", "kfac-1-20": "kfac(1,20)", "kfac-10-100": "kfac(10,100)",
+    "kbfgs-plus": "kbfgs-plus(T=3)", "kbfgs-plus-t20": "kbfgs-plus(T=20)",
 }
 
 

@@ -20,16 +20,17 @@ pytestmark = pytest.mark.fast
 
 def test_step_time_tiny(tmp_path):
     out = tmp_path / "st.json"
+    # every configuration whose periods divide the window of 20 (kbfgs-plus's T = 3: below)
+    labels = [lab for lab in common.METHODS if lab != "kbfgs-plus(T=3)"]
     step_time.main(["--problems", "tiny-ae", "--window", "20", "--repeats", "2",
                     "--warmup", "0", "--threads", "1",
-                    "--methods", "all", "--no-peak",
+                    "--methods", ",".join(labels), "--no-peak",
                     "--out", str(out)])
     res = json.loads(out.read_text())
     assert res["problem"] == "tiny-ae" and res["batch"] == 16 and res["window"] == 20
     env = res["environment"]
     for key in ("device", "torch", "git", "threads", "loadavg_start", "loadavg_end"):
         assert key in env
-    labels = list(common.METHODS)
     assert list(res["summary"]) == labels
     assert len(res["windows"]) == 2
     assert res["windows"][1]["order"] == labels[1:] + labels[:1]  # rotated
@@ -50,6 +51,16 @@ def test_step_time_tiny(tmp_path):
     # optimizer state: K-BFGS holds more than SGD-m's momentum buffers
     assert s["kbfgs(T=20)"]["state_bytes"] > s["sgd-m"]["state_bytes"] > 0
     assert s["sgd-m"]["state_bytes"] == res["param_bytes"]  # one momentum buffer per parameter
+
+
+def test_step_time_kbfgs_plus_default_period(tmp_path):
+    out = tmp_path / "st.json"
+    step_time.main(["--problems", "tiny-ae", "--window", "6", "--repeats", "1", "--warmup", "0",
+                    "--threads", "1", "--methods", "adam,kbfgs-plus", "--no-peak",
+                    "--out", str(out)])
+    s = json.loads(out.read_text())["summary"]
+    assert s["kbfgs-plus(T=3)"]["stats"]["curvature_updates"] == 2  # steps 3 and 6
+    assert s["kbfgs-plus(T=3)"]["per_step"]["median"] > 0
 
 
 def test_window_must_cover_periods():

@@ -53,7 +53,9 @@ def graft(P: Tensor, norm: Tensor) -> Tensor:
 class KBFGSPlus(KBFGS):
     """K-BFGS (or K-BFGS(L) with ``history``) whose per-layer step length is Adam's.
 
-    Args: as :class:`kbfgs.KBFGS`, with ``lr`` in Adam's units (default 3e-3) and
+    Args: as :class:`kbfgs.KBFGS`, with ``lr`` in Adam's units (default 3e-3), curvature
+    every ``update_freq = 3`` steps (the grafted step does not need it more often:
+    docs/results.md, "kbfgs-plus"), and
         beta2: decay of Adam's second moment (0.999).
         eps: Adam's epsilon (1e-8).
     ``momentum`` is Adam's beta1 as well as K-BFGS's momentum. See the module docstring and
@@ -61,7 +63,7 @@ class KBFGSPlus(KBFGS):
     """
 
     def __init__(self, model: nn.Module, lr: float = 3e-3, damping: float = 1.0,
-                 momentum: float = 0.9, update_freq: int = 1, weight_decay: float = 0.0,
+                 momentum: float = 0.9, update_freq: int = 3, weight_decay: float = 0.0,
                  history: int | None = None, *, beta2: float = 0.999, eps: float = 1e-8,
                  **kwargs: Any) -> None:
         check_number("beta2", beta2, 0.0, high=1.0)
