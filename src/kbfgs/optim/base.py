@@ -27,7 +27,8 @@ from .phases import PhaseTimer
 from .validation import check_common, check_int, check_param_groups
 
 __all__ = ["DEFAULT_MAX_FACTOR_DIM", "KroneckerOptimizer", "aligned_copy", "all_finite",
-           "check_finite_statistics", "two_sided_product", "unwrap_model", "warm_start_input"]
+           "check_finite_statistics", "momentum_buffers", "two_sided_product", "unwrap_model",
+           "warm_start_input"]
 
 #: default size guard: a layer whose dense curvature factor (H_A; H_G, or KFAC's Omega / Gamma)
 #: would have more rows than this is updated as other parameters (a float32 8192 x 8192 matrix
@@ -410,12 +411,7 @@ class KroneckerOptimizer(torch.optim.Optimizer):
         """The other parameters (not preconditioned this step): momentum SGD,
         ``buf = momentum buf + g``, ``p -= lr * scale * (buf + wd p)``."""
         lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
-        bufs = []
-        for p in others:
-            st = self.state[p]
-            if "momentum_buffer" not in st:
-                st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            bufs.append(st["momentum_buffer"])
+        bufs = momentum_buffers(self.state, others)
         torch._foreach_mul_(bufs, mom)
         torch._foreach_add_(bufs, [cast(Tensor, p.grad) for p in others])  # all have one
         steps = torch._foreach_add(bufs, others, alpha=wd) if wd != 0 else bufs
@@ -656,6 +652,18 @@ def two_sided_product(left: Any, X: Tensor, right: Tensor, pool: dict) -> Tensor
     if callable(left) and not isinstance(left, Tensor):
         return left(Y)
     return torch.matmul(left, Y, out=scratch_matrix(pool, "P", left.shape[0], Y.shape[1], Y))
+
+
+def momentum_buffers(state: Any, params: list[Tensor]) -> list[Tensor]:
+    """The ``"momentum_buffer"`` of each parameter in ``state`` (an optimizer's per-parameter
+    state), created as zeros (the parameter's memory format) where missing."""
+    bufs = []
+    for p in params:
+        st = state[p]
+        if "momentum_buffer" not in st:
+            st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        bufs.append(st["momentum_buffer"])
+    return bufs
 
 
 def all_finite(loss: Any, grads: list[Tensor]) -> bool:

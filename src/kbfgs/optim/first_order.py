@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import all_finite
+from .base import all_finite, momentum_buffers
 from .validation import check_number
 
 __all__ = ["SGDM", "DecoupledAdam", "SkipNonFinite"]
@@ -107,12 +107,7 @@ class SGDM(SkipNonFinite, torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            bufs = []
-            for p in params:
-                st = self.state[p]
-                if "momentum_buffer" not in st:
-                    st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                bufs.append(st["momentum_buffer"])
+            bufs = momentum_buffers(self.state, params)
             torch._foreach_mul_(bufs, group["momentum"])
             torch._foreach_add_(bufs, [p.grad for p in params])
             wd = group["weight_decay"]

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ..capture import KroneckerLayer
+from .base import momentum_buffers
 from .kbfgs import KBFGS, KBFGSLayerState
 from .validation import check_number
 
@@ -104,11 +105,8 @@ class KBFGSPlus(KBFGS):
         """Adam (decoupled decay) on every parameter that is not preconditioned, with the
         momentum buffer as Adam's first moment."""
         lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
-        for p in others:
-            st = self.state[p]
-            if "momentum_buffer" not in st:
-                st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            buf = st["momentum_buffer"]
+        for p, buf in zip(others, momentum_buffers(self.state, others)):
+            assert p.grad is not None  # others hold only parameters with a gradient
             buf.mul_(mom).add_(p.grad)
             v, k = self._second_moment(p)
             d = adam_direction(buf, v, mom, self.beta2, k, self.eps)

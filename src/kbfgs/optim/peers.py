@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ..distributed import unwrap_model
+from .base import momentum_buffers
 from .first_order import SkipNonFinite
 from .validation import check_choice, check_int, check_number
 
@@ -222,12 +223,7 @@ class MuonAdamW(SkipNonFinite, torch.optim.Optimizer):
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
             return
-        bufs = []
-        for p in params:
-            st = self.state[p]
-            if "momentum_buffer" not in st:
-                st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            bufs.append(st["momentum_buffer"])
+        bufs = momentum_buffers(self.state, params)
         dtype = ns_dtype_for(params[0].device, group["ns_dtype"])
         with _ns_precision(dtype):
             _muon.muon([_as_matrix(p) for p in params], [_as_matrix(p.grad) for p in params],
