@@ -228,7 +228,8 @@ def test_single_process_pays_nothing(monkeypatch):
         raise AssertionError("a collective in a single-process run")
 
     monkeypatch.setattr(distributed, "_all_reduce", forbidden)
-    monkeypatch.setattr(distributed, "_broadcast", forbidden)
+    monkeypatch.setattr(torch.distributed, "broadcast", forbidden)
+    monkeypatch.setattr(torch.distributed, "broadcast_object_list", forbidden)
     for name in ("mlp-kbfgs-T1", "cnn-kbfgs-T2-warm", "cnn-kfac-warm"):
         _reference(name)
     model = _model("mlp")

@@ -2,8 +2,7 @@
 
 Everything the optimizers, the runner and the command line need from ``torch.distributed``
 lives here, so that a single-process run never touches it and a test can count every byte
-that goes through a collective (all of them go through :func:`_all_reduce` or
-:func:`_broadcast`).
+that goes through an optimizer collective (all of them go through :func:`_all_reduce`).
 
 Optimizer side (see ``docs/distributed.md``):
 
@@ -38,7 +37,6 @@ __all__ = [
     "all_reduce_flat",
     "all_true",
     "get_world_size",
-    "is_main_process",
     "process_group",
     "rank",
     "unwrap_model",
@@ -66,10 +64,6 @@ def _all_reduce(tensor: Tensor, group: Any) -> None:
     """In-place sum over the ranks of ``group``. Every optimizer collective goes through here."""
     dist = _dist()
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
-
-
-def _broadcast(tensor: Tensor, src: int = 0, group: Any = None) -> None:
-    _dist().broadcast(tensor, src=src, group=group)
 
 
 def get_world_size(group: Any) -> int:
@@ -160,6 +154,3 @@ def world_size(group: Any = None) -> int:
     return _dist().get_world_size(group) if _initialized() else 1
 
 
-def is_main_process() -> bool:
-    """Rank 0 (or no ``torch.distributed``): the process that logs and writes files."""
-    return rank() == 0
