@@ -6,6 +6,11 @@ from here and states only what it checks. Builders used by a single file stay in
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -43,3 +48,21 @@ def curvature_optimizer(name: str, model: nn.Module, **kw: Any) -> torch.optim.O
     if name == "kbfgs":
         return kbfgs.KBFGS(model, **kw)
     raise ValueError(f"name must be one of {CURVATURE_METHODS}, got {name!r}")
+
+
+def kill_after_first_result(cmd: list[str], out: Path, timeout: float) -> dict[str, int]:
+    """Start ``cmd`` in its own session, SIGKILL it as soon as a result JSON appears in ``out``
+    (or after ``timeout`` seconds), and return ``{file name: mtime_ns}`` of the results it left."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + timeout
+        while time.time() < deadline and not list(out.glob("*.json")):
+            if proc.poll() is not None:
+                break
+            time.sleep(0.02)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return {p.name: p.stat().st_mtime_ns for p in out.glob("*.json")}

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
+from cases import kill_after_first_result
 from kbfgs.experiments.cli import main
 
 PY = sys.executable
@@ -94,19 +93,7 @@ def test_killed_grid_subprocess_resumes(tmp_path):
     out = tmp_path / "grid"
     args = ["-m", "kbfgs", "grid", "--problem", "curves-ae", "--optimizer", "sgd-m", "--lr",
             "0.001", "0.002", "0.003", "--time-budget", "0.4", "--out", str(out), *FAST]
-    proc = subprocess.Popen([PY, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline and not list(out.glob("*.json")):
-            if proc.poll() is not None:
-                break
-            time.sleep(0.02)
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    finished = {p.name: p.stat().st_mtime_ns for p in out.glob("*.json")}
+    finished = kill_after_first_result([PY, *args], out, timeout=120)
     assert 1 <= len(finished) < 3, "the grid must be killed part-way"
     rerun = subprocess.run([PY, *args], check=False, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
+from cases import kill_after_first_result
 from kbfgs.experiments import paper_results as pr
 from kbfgs.experiments.cli import main
 from kbfgs.experiments.problems import METHODS, get_problem
@@ -99,19 +97,7 @@ def test_killed_reproduce_resumes_without_redoing_a_finished_run(tmp_path):
     out = tmp_path / "repro"
     args = ["-m", "kbfgs", "reproduce", "--problems", "curves-ae", "--methods", "sgd-m",
             "adam", "--seeds", "2", "--out", str(out), *TINY]
-    proc = subprocess.Popen([PY, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    try:
-        deadline = time.time() + 180
-        while time.time() < deadline and not list(out.glob("*.json")):
-            if proc.poll() is not None:
-                break
-            time.sleep(0.02)
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    finished = {p.name: p.stat().st_mtime_ns for p in out.glob("*.json")}
+    finished = kill_after_first_result([PY, *args], out, timeout=180)
     assert 1 <= len(finished) < 4, "the reproduction must be killed part-way"
     rerun = subprocess.run([PY, *args], check=False, capture_output=True, text=True,
                            timeout=600)
