@@ -114,10 +114,16 @@ SCENARIOS: dict[str, dict] = {
     "cnn-kfac-warm": {"model": "cnn", "opt": "kfac", "hp": {"stat_freq": 2, "inv_freq": 2},
                       "warm": True},
     "cnnbn-kbfgs-T1": {"model": "cnn_bn", "opt": "kbfgs", "hp": {"update_freq": 1}},
+    # kbfgs-plus without the extra pass: the "+" records come from the next step's pass
+    "cnn-plus-nc-T2": {"model": "cnn", "opt": "kbfgs-plus",
+                       "hp": {"update_freq": 2, "closure_free": True}},
 }
 
 
 def _optimizer(sc: dict, model: nn.Module):
+    if sc["opt"] == "kbfgs-plus":
+        return kbfgs.make_optimizer("kbfgs-plus", model, lr=0.01, damping=0.5, momentum=0.9,
+                                    weight_decay=1e-3, **sc["hp"])
     if sc["opt"] == "kbfgs":
         return kbfgs.KBFGS(model, lr=0.1, damping=0.5, momentum=0.9, weight_decay=1e-3,
                            **sc["hp"])
@@ -205,7 +211,7 @@ def test_all_reduce_flat_one_call_per_dtype_and_average(monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["mlp-kbfgs-T1", "cnn-kbfgs-T2-warm", "mlp-kbfgs20-T1",
-                                  "cnn-kfac-warm"])
+                                  "cnn-kfac-warm", "cnn-plus-nc-T2"])
 def test_fake_world_follows_the_distributed_code_path_exactly(monkeypatch, name):
     """Every rank holding the same shard: the distributed path (deferred A s_A after the a_bar
     all-reduce, flat reductions, warm-start sums) gives the single-process result."""

@@ -170,17 +170,19 @@ class Capture:
     _dummy: dict = field(default_factory=dict)
 
     # ------------------------------------------------------------------ the recordings
-    def probe(self) -> contextlib.AbstractContextManager[dict[str, LayerRecord]]:
-        """Call counts and ``|T|`` only (the first pass of a layer, to initialise its state)."""
-        return self._pass(self._counting_hook)
+    def probe(self, grad_only: bool = False
+              ) -> contextlib.AbstractContextManager[dict[str, LayerRecord]]:
+        """Call counts and ``|T|`` only (the first pass of a layer, to initialise its state).
+        ``grad_only``: as in :meth:`kbfgs_pre`."""
+        return self._pass(self._counting_hook, grad_only)
 
     def warm(self) -> contextlib.AbstractContextManager[dict[str, LayerRecord]]:
         """``rec.A = batch * A``: the sum over the batch of ``sum_t a_t a_t^T`` (no gradients)."""
         return self._pass(self._warm_hook)
 
     @contextlib.contextmanager
-    def kbfgs_pre(self, s_A_fn: SAFn, need_A: bool = False,
-                  group: Any = None) -> Iterator[dict[str, LayerRecord]]:
+    def kbfgs_pre(self, s_A_fn: SAFn, need_A: bool = False, group: Any = None,
+                  grad_only: bool = False) -> Iterator[dict[str, LayerRecord]]:
         """K-BFGS's pass before the step: ``a_bar``, ``s_A = s_A_fn(layer, rec)``, ``A s_A``,
         ``h_bar``, ``Dh_bar`` (and the minibatch ``A`` when ``need_A``).
 
@@ -194,8 +196,13 @@ class Capture:
         the kept inputs of a layer would hold more elements than its ``cols x cols`` matrix
         ``A``, they are folded into the explicit ``A = sum_j m_j A_j / m`` (exact, formed from
         the inputs in chunks) and ``A s_A`` is that matrix times ``s_A``: a layer holds at most
-        ``max(cols^2, one micro-batch input)`` elements beyond what autograd holds."""
-        with self._pass(lambda layer, rec: self._pre_hook(layer, rec, need_A)) as recs:
+        ``max(cols^2, one micro-batch input)`` elements beyond what autograd holds.
+
+        ``grad_only``: record only the calls made with gradients enabled (a recording left open
+        across the user's own loop, where evaluation passes under ``torch.no_grad()`` run too);
+        such a recording does not force ``torch.compile``-d code to run eagerly."""
+        with self._pass(lambda layer, rec: self._pre_hook(layer, rec, need_A),
+                        grad_only) as recs:
             try:
                 yield recs
                 self._finish_A_s(recs, s_A_fn, group)
@@ -204,11 +211,12 @@ class Capture:
                     r.inputs = []
                     r.A_fold = None
 
-    def kbfgs_post(self) -> contextlib.AbstractContextManager[dict[str, LayerRecord]]:
+    def kbfgs_post(self, grad_only: bool = False
+                   ) -> contextlib.AbstractContextManager[dict[str, LayerRecord]]:
         """K-BFGS's extra pass: ``h_bar+``, ``Dh_bar+``. No parameter requires grad there, so a
         layer output that is not part of a graph is made one (plus a shared zero scalar that
-        requires grad) for its gradient hook to run."""
-        return self._pass(self._post_hook)
+        requires grad) for its gradient hook to run. ``grad_only``: as in :meth:`kbfgs_pre`."""
+        return self._pass(self._post_hook, grad_only)
 
     @contextlib.contextmanager
     def kfac_factors(self) -> Iterator[dict[str, LayerRecord]]:
@@ -280,15 +288,19 @@ class Capture:
 
     # ------------------------------------------------------------------ the hooks
     @contextlib.contextmanager
-    def _pass(self, make_hook: Callable[[KroneckerLayer, LayerRecord], _Hook]
-              ) -> Iterator[dict[str, LayerRecord]]:
+    def _pass(self, make_hook: Callable[[KroneckerLayer, LayerRecord], _Hook],
+              grad_only: bool = False) -> Iterator[dict[str, LayerRecord]]:
         records = {layer.name: LayerRecord() for layer in self.layers}
         handles = []
         try:
             for layer in self.layers:
                 hook = make_hook(layer, records[layer.name])
+                if grad_only:
+                    hook = _with_grad_only(hook)
                 handles.append(layer.module.register_forward_hook(hook))
-            with eager():
+            # a recording left open across the user's loop (grad_only) must not change the
+            # compile stance of the user's own code
+            with contextlib.nullcontext() if grad_only else eager():
                 yield records
         finally:
             for h in handles:
@@ -515,6 +527,17 @@ class Capture:
             self._dummy[key] = torch.zeros((), dtype=like.dtype, device=like.device,
                                            requires_grad=True)
         return self._dummy[key]
+
+
+def _with_grad_only(hook: _Hook) -> _Hook:
+    """``hook`` for the calls whose output requires grad only (others are not recorded)."""
+
+    def guarded(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor | None:
+        if not (torch.is_grad_enabled() and output.requires_grad):
+            return None
+        return hook(module, inputs, output)
+
+    return guarded
 
 
 # ---------------------------------------------------------------------------------------------

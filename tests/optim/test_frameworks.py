@@ -132,3 +132,51 @@ def test_lightning_fp16_with_a_scaler_is_refused_with_a_clear_error(tmp_path):
         warnings.simplefilter("ignore")
         with pytest.raises(RuntimeError, match="closure"):
             trainer.fit(CudaModule(), loader)
+
+
+# ---------------------------------------------------------------------------------------------
+# kbfgs-plus with closure_free=True: no extra pass, step() with or without a closure
+# ---------------------------------------------------------------------------------------------
+
+
+class PlusModule(TinyModule):
+    """kbfgs-plus without the extra pass: Lightning's closure runs once per step."""
+
+    def configure_optimizers(self):
+        return kbfgs.make_optimizer("kbfgs-plus", self, lr=0.01, update_freq=UPDATE_FREQ,
+                                    closure_free=True)
+
+
+class ManualPlusModule(PlusModule):
+    """Manual optimisation: ``manual_backward`` then ``step()`` without a closure."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        x, y = batch
+        opt.zero_grad()
+        loss = 0.5 * (self(x).float() - y).pow(2).sum(1).mean()
+        self.manual_backward(loss)
+        opt.step()
+        self.training_steps += 1
+        return loss
+
+
+@pytest.mark.parametrize("cls,precision", [(PlusModule, "32-true"), (PlusModule, "bf16-mixed"),
+                                           (ManualPlusModule, "32-true")])
+def test_lightning_trains_kbfgs_plus_without_the_extra_pass(tmp_path, cls, precision):
+    module = cls()
+    before = _full_loss(module)
+    trainer = _fit(module, tmp_path, precision=precision, steps=40)
+    after = _full_loss(module)
+    opt = trainer.optimizers[0]
+    opt = getattr(opt, "optimizer", opt)  # manual optimisation hands out a wrapper
+    assert opt.steps == 40 and opt.skipped_steps == 0
+    assert module.training_steps == 40  # one forward-backward per step: no extra pass
+    # every curvature step's pair is completed by the next step's pass (the last one waits)
+    assert opt.curvature_updates == 40 // UPDATE_FREQ - 1
+    assert not opt.demoted
+    assert math.isfinite(after) and after < 0.5 * before

@@ -131,3 +131,150 @@ def test_factory_name_and_defaults():
     opt = kbfgs.make_optimizer("kbfgs-plus", _net())
     assert isinstance(opt, KBFGSPlus)
     assert opt.param_groups[0]["lr"] == 3e-3 and opt.param_groups[0]["damping"] == 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# closure_free=True: the "+" measurement from the next iteration's own forward-backward
+# ---------------------------------------------------------------------------------------------
+
+
+def _plain_step(opt, model, x, y):
+    """A training loop without a closure, as for torch.optim.Adam."""
+    opt.zero_grad()
+    loss = 0.5 * (model(x) - y).pow(2).sum(1).mean()
+    loss.backward()
+    return opt.step()
+
+
+@pytest.mark.parametrize("T,history", [(1, None), (3, None), (2, 4)])
+def test_closure_free_on_a_repeated_minibatch_equals_the_extra_pass(T, history):
+    """On one minibatch repeated, the next iteration's pass *is* Algorithm 2's extra pass (the
+    same batch at the updated parameters): the closure-free trajectory equals the exact one.
+    A no-grad evaluation pass between steps must not be recorded."""
+    (x, y), = _batches(1)
+    m1, m2 = _net(), _net()
+    o1 = KBFGSPlus(m1, lr=0.01, update_freq=T, history=history)
+    o2 = KBFGSPlus(m2, lr=0.01, update_freq=T, history=history, closure_free=True)
+    probe = torch.randn(3, 6, dtype=DT)
+    steps = 3 * T + 2
+    for _ in range(steps):
+        o1.step(_closure(o1, m1, x, y))
+        assert _plain_step(o2, m2, x, y) is None
+        with torch.no_grad():
+            m2(probe)
+    # the pair of a curvature step at the very end waits for its "+" iteration
+    assert o2.curvature_updates == o1.curvature_updates - (steps % T == 0)
+    assert o1.curvature_updates >= 3
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)
+
+
+def test_closure_free_pair_is_the_difference_of_consecutive_minibatches():
+    """One Linear layer, T = 1: after two steps the averaged pair is
+    ``(1 - beta)(h_bar(W1; B2) - h_bar(W0; B1))`` and ``(1 - beta)(Dh_bar(W1; B2) -
+    Dh_bar(W0; B1))``, with ``Dh_bar = m E_n[dL/dh]`` = the bias gradient, by hand."""
+    torch.manual_seed(0)
+    model = nn.Linear(6, 3).to(DT)
+    opt = KBFGSPlus(model, lr=0.01, update_freq=1, closure_free=True)
+    (x1, y1), (x2, y2) = _batches(2)
+
+    def h_and_Dh(W, b, x, y):
+        W, b = W.clone().requires_grad_(True), b.clone().requires_grad_(True)
+        h = x @ W.T + b
+        loss = 0.5 * (h - y).pow(2).sum(1).mean()
+        (gb,) = torch.autograd.grad(loss, [b])
+        return h.detach().mean(0), gb
+
+    W0, b0 = model.weight.detach().clone(), model.bias.detach().clone()
+    _plain_step(opt, model, x1, y1)
+    W1, b1 = model.weight.detach().clone(), model.bias.detach().clone()
+    _plain_step(opt, model, x2, y2)
+    h0, Dh0 = h_and_Dh(W0, b0, x1, y1)
+    h1, Dh1 = h_and_Dh(W1, b1, x2, y2)
+    st = opt.layer_state[""] if "" in opt.layer_state else next(iter(opt.layer_state.values()))
+    beta = opt.beta
+    torch.testing.assert_close(st.s_G, (1 - beta) * (h1 - h0), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(st.y_G, (1 - beta) * (Dh1 - Dh0), rtol=1e-12, atol=1e-14)
+    assert opt.curvature_updates == 1
+
+
+def test_closure_free_resume_is_bit_identical():
+    """The pending first half of a pair is saved: a run resumed between a curvature step and
+    its "+" iteration continues exactly."""
+    data = _batches(8)
+    model = _net()
+    opt = KBFGSPlus(model, lr=0.01, update_freq=3, closure_free=True)
+    for x, y in data[:3]:  # step 3 is a curvature step: its pair waits for step 4
+        _plain_step(opt, model, x, y)
+    saved_model = copy.deepcopy(model.state_dict())
+    saved = copy.deepcopy(opt.state_dict())
+    assert "pending_pair" in saved["kronecker"]
+    for x, y in data[3:]:
+        _plain_step(opt, model, x, y)
+    model2 = _net(seed=5)
+    model2.load_state_dict(saved_model)
+    opt2 = KBFGSPlus(model2, lr=0.01, update_freq=3, closure_free=True)
+    opt2.load_state_dict(saved)
+    for x, y in data[3:]:
+        _plain_step(opt2, model2, x, y)
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
+    assert opt2.curvature_updates == opt.curvature_updates
+
+
+def test_closure_free_step_with_a_closure_runs_it_once_and_returns_its_loss():
+    model = _net()
+    opt = KBFGSPlus(model, lr=0.01, update_freq=1, closure_free=True)
+    calls = []
+    x, y = _batches(1)[0]
+
+    def closure():
+        calls.append(1)
+        opt.zero_grad()
+        loss = 0.5 * (model(x) - y).pow(2).sum(1).mean()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert len(calls) == 1 and torch.is_tensor(loss)
+
+
+def test_without_closure_free_a_closure_is_still_required():
+    model = _net()
+    opt = KBFGSPlus(model, lr=0.01)
+    x, y = _batches(1)[0]
+    with pytest.raises(RuntimeError, match="closure"):
+        _plain_step(opt, model, x, y)
+    with pytest.raises(TypeError, match="closure_free"):
+        KBFGSPlus(model, closure_free=1)
+
+
+def test_closure_free_pending_pair_of_the_wrong_shape_is_refused_before_loading():
+    model = _net()
+    opt = KBFGSPlus(model, lr=0.01, update_freq=1, closure_free=True)
+    x, y = _batches(1)[0]
+    _plain_step(opt, model, x, y)
+    sd = copy.deepcopy(opt.state_dict())
+    sd["kronecker"]["pending_pair"]["0"]["h_bar"] = torch.zeros(7, dtype=DT)
+    fresh = KBFGSPlus(_net(), lr=0.01, update_freq=1, closure_free=True)
+    with pytest.raises(ValueError, match=r"pending_pair.*'0'.*h_bar"):
+        fresh.load_state_dict(sd)
+    assert fresh.steps == 0 and not fresh.layer_state
+
+
+def test_closure_free_micro_batches_equal_one_batch():
+    """Gradient accumulation in the loop (two halves, each loss halved, one step()) records
+    the same curvature as the whole batch: the trajectories agree to rounding."""
+    data = _batches(7)
+    m1, m2 = _net(), _net()
+    o1 = KBFGSPlus(m1, lr=0.01, update_freq=2, closure_free=True)
+    o2 = KBFGSPlus(m2, lr=0.01, update_freq=2, closure_free=True)
+    for x, y in data:
+        _plain_step(o1, m1, x, y)
+        o2.zero_grad()
+        for xm, ym in zip(x.chunk(2), y.chunk(2)):
+            (0.5 * 0.5 * (m2(xm) - ym).pow(2).sum(1).mean()).backward()
+        o2.step()
+    assert o2.curvature_updates == o1.curvature_updates == 3 and not o2.demoted
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-13)

@@ -107,7 +107,8 @@ _METHODS: dict[str, _Method] = {
         "K-BFGS+",
         "kbfgs-plus (not in the paper): K-BFGS's direction with Adam's per-layer step length "
         "(norm grafting), Adam on the other parameters; lr in Adam's units",
-        lambda model, **hp: KBFGSPlus(model, **hp), _KBFGS_HPS + ("history", "beta2", "eps"),
+        lambda model, **hp: KBFGSPlus(model, **hp),
+        _KBFGS_HPS + ("history", "beta2", "eps", "closure_free"),
         required=(), defaults={"lr": 3e-3, "damping": 1.0}),
     "kfac": _Method(
         "KFAC",

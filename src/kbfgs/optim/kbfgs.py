@@ -546,17 +546,24 @@ class KBFGS(KroneckerOptimizer):
         st.Dh_scale = torch.where(finite, new.to(st.Dh_scale.dtype), st.Dh_scale)
         return rounding_level_pair(st.y_G, st.Dh_scale)
 
-    def _curvature_update(self, pre: dict[str, LayerRecord], post: dict[str, LayerRecord]) -> None:
-        """Lines 14-22 for every layer recorded in both passes."""
+    def _curvature_update(self, pre: dict[str, LayerRecord], post: dict[str, LayerRecord], *,
+                          H_A: bool = True, H_G: bool = True) -> None:
+        """Lines 14-22 for every layer recorded in both passes (``H_A=False``: lines 19-22
+        only; ``H_G=False``: lines 16-17 only, ``post`` unused)."""
         pending: list[tuple[LimitedLayerState, Tensor, Tensor, Tensor]] = []
         for layer in self.layers:
             r0, r1 = pre.get(layer.name), post.get(layer.name)
             st = self.layer_state.get(layer.name)
-            if st is None or r0 is None or r1 is None or r0.h_bar is None or r1.h_bar is None \
-                    or r0.Dh_bar is None or r1.Dh_bar is None:
+            if st is None or r0 is None or r0.h_bar is None or r0.Dh_bar is None:
+                continue
+            if H_G and (r1 is None or r1.h_bar is None or r1.Dh_bar is None):
                 continue
             lam_A, lam_G = self._lambdas(layer, st.locations)
-            self._update_H_A(st, r0, lam_A)  # lines 16-17
+            if H_A:
+                self._update_H_A(st, r0, lam_A)  # lines 16-17
+            if not H_G:
+                continue
+            assert r1 is not None and r1.h_bar is not None and r1.Dh_bar is not None
             st.s_G, st.y_G, fin = average_pair(st.s_G, st.y_G, r0.h_bar, r1.h_bar,  # line 19
                                                r0.Dh_bar, r1.Dh_bar, self.beta)
             s_t, y_t, st.theta = DAMPING_RULES[self.damping_rule](  # line 20

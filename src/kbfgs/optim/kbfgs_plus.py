@@ -17,19 +17,40 @@ with the same ``lr``. The decay is decoupled as in K-BFGS: ``W <- (1 - lr wd) W`
 
 Cost over K-BFGS: one extra ``p``-sized buffer (``exp_avg_sq``) per parameter and a few
 element-wise operations per step; no host synchronisation.
+
+**Without a closure** (``closure_free=True``): ``step()`` is called after the training loop's
+own ``loss.backward()``, as for ``torch.optim.Adam``, and the optimizer runs no pass of its
+own. The "+" measurement of Algorithm 2 (line 12: ``h_bar+``, ``Dh_bar+`` at the new
+parameters) is then taken from the *next* iteration's forward-backward, on the next minibatch:
+the pair of H_G becomes
+
+    s_G = h_bar(W_{k+1}; batch k+1) - h_bar(W_k; batch k),
+    y_G = Dh_bar(W_{k+1}; batch k+1) - Dh_bar(W_k; batch k),
+
+which mixes two minibatches (the moving average of line 19 and the damping of line 20 then
+smooth a noisier pair); H_A's pair needs only the curvature step's own minibatch and is
+unchanged. To see the training loop's passes, the optimizer keeps hooks on the Kronecker layers
+between ``step()`` calls for the iterations it measures (the curvature step and the one after
+it); they record only calls made with gradients enabled, so evaluation under
+``torch.no_grad()`` in between is ignored. A recorded forward pass whose backward did not run
+before ``step()`` (a forward with gradients enabled whose loss was never back-propagated) gives
+no pair for that step (warned once).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..capture import KroneckerLayer
+from .. import distributed
+from ..capture import KroneckerLayer, LayerRecord, autocast_off, reduce_kbfgs_records
 from .base import momentum_buffers
 from .kbfgs import KBFGS, KBFGSLayerState
-from .validation import check_number
+from .validation import check_number, check_param_groups
 
 __all__ = ["KBFGSPlus", "adam_direction", "graft"]
 
@@ -59,6 +80,9 @@ class KBFGSPlus(KBFGS):
     docs/results.md, "kbfgs-plus"), and
         beta2: decay of Adam's second moment (0.999).
         eps: Adam's epsilon (1e-8).
+        closure_free: ``step()`` without a closure, after the loop's own backward; the "+"
+            measurement comes from the next iteration's pass (module docstring). ``False``:
+            ``step(closure)`` as K-BFGS, with the extra pass on the same minibatch.
     ``momentum`` is Adam's beta1 as well as K-BFGS's momentum. See the module docstring and
     docs/api.md ("kbfgs-plus").
     """
@@ -66,15 +90,149 @@ class KBFGSPlus(KBFGS):
     def __init__(self, model: nn.Module, lr: float = 3e-3, damping: float = 1.0,
                  momentum: float = 0.9, update_freq: int = 3, weight_decay: float = 0.0,
                  history: int | None = None, *, beta2: float = 0.999, eps: float = 1e-8,
-                 **kwargs: Any) -> None:
+                 closure_free: bool = False, **kwargs: Any) -> None:
         check_number("beta2", beta2, 0.0, high=1.0)
         if not beta2 < 1.0:
             raise ValueError(f"beta2 must be in [0, 1), got {beta2!r}")
         check_number("eps", eps, 0.0, strict=True)
+        if not isinstance(closure_free, bool):
+            raise TypeError(f"closure_free must be True or False, got {closure_free!r}")
         self.beta2 = float(beta2)
         self.eps = float(eps)
+        self.closure_free = closure_free
+        #: the recording open between steps (closure_free) and what it records
+        self._armed: contextlib.ExitStack | None = None
+        self._armed_recs: dict[str, LayerRecord] = {}
+        #: the first half of an H_G pair (the records of the last curvature step)
+        self._pending: dict[str, LayerRecord] | None = None
         super().__init__(model, lr, damping, momentum, update_freq, weight_decay, history,
                          **kwargs)
+        if closure_free:
+            self._arm()
+
+    # ------------------------------------------------------------------ closure-free step
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One iteration. ``closure_free=False``: as :meth:`kbfgs.KBFGS.step` (closure
+        required). ``closure_free=True``: the gradients of the minibatch are already in
+        ``.grad`` (or ``closure``, when given, computes them once, as for ``torch.optim.Adam``);
+        returns the closure's loss or ``None``."""
+        if not self.closure_free:
+            return super().step(closure)
+        check_param_groups(self.param_groups)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        k = self.steps + 1
+        recs = self._disarm()
+        if not self._accept(loss):
+            self._pending = None
+            self._arm()
+            return self._skip_step(loss)
+        complete = self._complete(recs)
+        curvature = k % self.update_freq == 0
+        with self.phases("curvature"), torch.no_grad(), autocast_off():
+            self._unscale_records(complete, {})
+            reduce_kbfgs_records(complete, {}, distributed.process_group(self.model))
+            if self._pending is not None:  # lines 19-22 with this pass as the "+" pass
+                self._curvature_update(self._pending, complete, H_A=False)
+                self.curvature_updates += 1
+            self._pending = None
+        self._take_step(recs, k)  # lines 7-11 (records of layers first seen initialise them)
+        if curvature and self.layers:
+            with self.phases("curvature"), torch.no_grad(), autocast_off():
+                self._curvature_update(complete, {}, H_G=False)  # lines 16-17
+            self._pending = complete
+        self._scaler_update()
+        self._arm()
+        return loss
+
+    def _complete(self, recs: dict[str, LayerRecord]) -> dict[str, LayerRecord]:
+        """The records whose backward ran for every recorded sample (others give no pair)."""
+        measured = {n: r for n, r in recs.items() if r.h_bar is not None}  # not a probe
+        out = {n: r for n, r in measured.items()
+               if r.grad_batch == r.batch and r.Dh_bar is not None}
+        if len(out) < len(measured):
+            self._warn_once("no_backward", f"{type(self).__name__}: a forward pass with "
+                            "gradients enabled was not back-propagated before step(); layers "
+                            "without a gradient of their output form no curvature pair this step")
+        return out
+
+    def _arm(self) -> None:
+        """Open the recording that the next iteration's forward-backward needs: the curvature
+        step's (``a_bar``, ``A s_A``, ``h_bar``, ``Dh_bar``), the "+" pass after it (``h_bar``,
+        ``Dh_bar``), a probe while a layer has no state yet, or none."""
+        self._disarm()
+        k = self.steps + 1
+        if k % self.update_freq == 0:
+            ctx: contextlib.AbstractContextManager[dict[str, LayerRecord]] = \
+                self.capture.kbfgs_pre(self._s_A, need_A=self._needs_explicit_A(),
+                                       group=distributed.process_group(self.model),
+                                       grad_only=True)
+        elif self._pending is not None:
+            ctx = self.capture.kbfgs_post(grad_only=True)
+        elif any(layer.name not in self.layer_state for layer in self.layers):
+            ctx = self.capture.probe(grad_only=True)
+        else:
+            return
+        stack = contextlib.ExitStack()
+        self._armed_recs = stack.enter_context(ctx)
+        self._armed = stack
+
+    def _disarm(self) -> dict[str, LayerRecord]:
+        """Close the open recording (``A s_A`` is formed then) and return its records."""
+        stack, recs = self._armed, self._armed_recs
+        self._armed, self._armed_recs = None, {}
+        if stack is None:
+            return {}
+        stack.close()
+        return recs
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        if self._pending is not None:
+            sd["kronecker"]["pending_pair"] = {
+                n: {"h_bar": r.h_bar, "Dh_bar": r.Dh_bar, "Dh_scale": r.Dh_scale}
+                for n, r in self._pending.items()}
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As :meth:`kbfgs.KBFGS.load_state_dict`, plus the pending first half of an H_G pair
+        of ``closure_free`` (validated before anything changes)."""
+        extra = state_dict.get("kronecker") if isinstance(state_dict, dict) else None
+        saved = extra.get("pending_pair") if isinstance(extra, dict) else None
+        pending = self._pending_from_dict(saved) if saved is not None else None
+        super().load_state_dict(state_dict)
+        self._pending = pending if self.closure_free else None
+        if self.closure_free:
+            self._arm()
+
+    def _pending_from_dict(self, saved: Any) -> dict[str, LayerRecord]:
+        """``state_dict()["kronecker"]["pending_pair"]`` as records; a ValueError names a layer
+        this model lacks or a vector of the wrong shape."""
+        layers = {ly.name: ly for ly in self.layers}
+        if not isinstance(saved, dict):
+            raise ValueError("state_dict['kronecker']['pending_pair'] must be a dict")
+        out: dict[str, LayerRecord] = {}
+        for name, d in saved.items():
+            layer = layers.get(name)
+            if layer is None:
+                raise ValueError(f"state_dict['kronecker']['pending_pair'] has layer '{name}', "
+                                 f"which is not a Kronecker layer of this model")
+            rows = layer.helper.dims()[0]
+            vec: dict[str, Tensor | None] = {}
+            for key, shape in (("h_bar", (rows,)), ("Dh_bar", (rows,)), ("Dh_scale", ())):
+                v = d.get(key) if isinstance(d, dict) else None
+                if key != "Dh_scale" or v is not None:
+                    if not isinstance(v, Tensor) or tuple(v.shape) != shape:
+                        raise ValueError(f"state_dict['kronecker']['pending_pair']['{name}']"
+                                         f"['{key}'] must be a tensor of shape {shape}")
+                    v = v.to(device=layer.helper.weight.device,
+                              dtype=self._curvature_dtype(layer.module))
+                vec[key] = v
+            out[name] = LayerRecord(h_bar=vec["h_bar"], Dh_bar=vec["Dh_bar"],
+                                    Dh_scale=vec["Dh_scale"])
+        return out
 
     def _second_moment(self, p: Tensor) -> tuple[Tensor, int]:
         """Update Adam's second moment of ``p`` with ``p.grad``; returns it and its count."""
