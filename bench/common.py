@@ -140,9 +140,10 @@ METHODS: dict[str, Method] = {m.label: m for m in [
     Method("kfac(1,20)", "kfac", {"stat_freq": 1, "inv_freq": 20}, (1, 20)),
     Method("kbfgs-plus(T=3)", "kbfgs-plus", {"update_freq": 3}, (3,)),
     Method("kbfgs-plus(T=20)", "kbfgs-plus", {"update_freq": 20}, (20,)),
-    Method("kbfgs-plus-nc(T=1)", "kbfgs-plus", {"update_freq": 1, "closure_free": True}, (1,)),
-    Method("kbfgs-plus-nc(T=3)", "kbfgs-plus", {"update_freq": 3, "closure_free": True}, (3,)),
-    Method("kbfgs-plus-nc(T=20)", "kbfgs-plus", {"update_freq": 20, "closure_free": True},
+    Method("kbfgs-plus(T=1)", "kbfgs-plus", {"update_freq": 1}, (1,)),
+    Method("kbfgs-plus-extra(T=3)", "kbfgs-plus", {"update_freq": 3, "closure_free": False},
+           (3,)),
+    Method("kbfgs-plus-extra(T=20)", "kbfgs-plus", {"update_freq": 20, "closure_free": False},
            (20,)),
     Method("kfac(10,100)", "kfac", {"stat_freq": 10, "inv_freq": 100}, (10, 100)),
 ]}
@@ -153,8 +154,8 @@ ALIASES = {
     "kbfgs-20": "kbfgs-20(T=1)",
     "kfac": "kfac(1,20)", "kfac-1-20": "kfac(1,20)", "kfac-10-100": "kfac(10,100)",
     "kbfgs-plus": "kbfgs-plus(T=3)", "kbfgs-plus-t20": "kbfgs-plus(T=20)",
-    "kbfgs-plus-nc": "kbfgs-plus-nc(T=3)", "kbfgs-plus-nc-t1": "kbfgs-plus-nc(T=1)",
-    "kbfgs-plus-nc-t20": "kbfgs-plus-nc(T=20)",
+    "kbfgs-plus-t1": "kbfgs-plus(T=1)", "kbfgs-plus-extra": "kbfgs-plus-extra(T=3)",
+    "kbfgs-plus-extra-t20": "kbfgs-plus-extra(T=20)",
 }
 
 

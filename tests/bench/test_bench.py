@@ -21,7 +21,7 @@ pytestmark = pytest.mark.fast
 def test_step_time_tiny(tmp_path):
     out = tmp_path / "st.json"
     # every configuration whose periods divide the window of 20 (kbfgs-plus's T = 3: below)
-    labels = [lab for lab in common.METHODS if lab != "kbfgs-plus(T=3)"]
+    labels = [lab for lab in common.METHODS if "(T=3)" not in lab]
     step_time.main(["--problems", "tiny-ae", "--window", "20", "--repeats", "2",
                     "--warmup", "0", "--threads", "1",
                     "--methods", ",".join(labels), "--no-peak",
@@ -56,10 +56,15 @@ def test_step_time_tiny(tmp_path):
 def test_step_time_kbfgs_plus_default_period(tmp_path):
     out = tmp_path / "st.json"
     step_time.main(["--problems", "tiny-ae", "--window", "6", "--repeats", "1", "--warmup", "0",
-                    "--threads", "1", "--methods", "adam,kbfgs-plus", "--no-peak",
-                    "--out", str(out)])
+                    "--threads", "1", "--methods", "adam,kbfgs-plus,kbfgs-plus-extra",
+                    "--no-peak", "--out", str(out)])
     s = json.loads(out.read_text())["summary"]
-    assert s["kbfgs-plus(T=3)"]["stats"]["curvature_updates"] == 2  # steps 3 and 6
+    # with the extra pass: the pairs of steps 3 and 6; closure-free (the default): the pair of
+    # step 3 completed by step 4's pass, step 6's waits for step 7
+    assert s["kbfgs-plus-extra(T=3)"]["stats"]["curvature_updates"] == 2
+    assert s["kbfgs-plus-extra(T=3)"]["breakdown_per_step_median"]["extra_pass"] > 0
+    assert s["kbfgs-plus(T=3)"]["stats"]["curvature_updates"] == 1
+    assert s["kbfgs-plus(T=3)"]["breakdown_per_step_median"]["extra_pass"] == 0
     assert s["kbfgs-plus(T=3)"]["per_step"]["median"] > 0
 
 

@@ -39,7 +39,7 @@ def test_autoencoder_defaults_are_table6(dataset):
 @pytest.mark.parametrize("name", sorted(paper.TABLE8))
 def test_cnn_defaults_are_table8(name):
     p = get_problem(name)
-    assert set(p.hps) == set(paper.TABLE8[name]) | {"kbfgs-plus"}
+    assert set(p.hps) == set(paper.TABLE8[name]) | {"kbfgs-plus", "kbfgs-plus-extra"}
     for method, (lr, wd, damping) in paper.TABLE8[name].items():
         hp = p.defaults(method)
         assert (hp["lr"], hp["weight_decay"], hp.get("damping")) == (lr, wd, damping)
@@ -77,12 +77,13 @@ def test_the_runner_registry_reads_the_library_registry():
     assert set(METHOD_FACTORY.values()) == set(OPTIMIZER_NAMES)
     for method, rm in RUNNER_METHODS.items():
         assert set(rm.hps) <= set(valid_hps(rm.optimizer)), method
-        if method != "kbfgs-t20":
+        if method not in ("kbfgs-t20", "kbfgs-plus-extra"):
             assert METHOD_TITLES[method] == title(rm.optimizer)
     assert METHOD_TITLES["kbfgs-t20"] == "K-BFGS \u2020 (T=20)"
+    assert METHOD_TITLES["kbfgs-plus-extra"] == "K-BFGS+ (extra pass)"
     assert METHODS[:10] == ("kbfgs", "kbfgs-t20", "kbfgs-no-dpdlm", "kbfgs-no-minibatch",
                             "kbfgs-l", "kbfgs-20", "kbfgs-l-20", "kfac", "adam", "sgd-m")
-    assert METHODS[10] == "kbfgs-plus"
-    assert METHODS[11:] == PEERS
+    assert METHODS[10:12] == ("kbfgs-plus", "kbfgs-plus-extra")
+    assert METHODS[12:] == PEERS
     assert METHOD_HPS["kfac"] == ("lr", "damping", "weight_decay", "momentum", "stat_freq",
                                   "inv_freq", "likelihood")

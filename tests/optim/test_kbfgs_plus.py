@@ -92,8 +92,8 @@ def test_first_step_is_kbfgs_direction_with_adams_length():
     params = list(model.parameters())
     ref_params = list(ref_model.parameters())
     for idx in layers.values():
-        d_plus = torch.cat([(params[i] - w0[i]).reshape(-1) for i in idx])
-        d_ref = torch.cat([(ref_params[i] - w0[i]).reshape(-1) for i in idx])
+        d_plus = torch.cat([(params[i].detach() - w0[i]).reshape(-1) for i in idx])
+        d_ref = torch.cat([(ref_params[i].detach() - w0[i]).reshape(-1) for i in idx])
         cos = torch.dot(d_plus, d_ref) / (d_plus.norm() * d_ref.norm())
         assert float(cos) == pytest.approx(1.0, abs=1e-12)
         assert float(d_plus.norm()) == pytest.approx(lr * math.sqrt(d_plus.numel()), rel=1e-6)
@@ -153,8 +153,8 @@ def test_closure_free_on_a_repeated_minibatch_equals_the_extra_pass(T, history):
     A no-grad evaluation pass between steps must not be recorded."""
     (x, y), = _batches(1)
     m1, m2 = _net(), _net()
-    o1 = KBFGSPlus(m1, lr=0.01, update_freq=T, history=history)
-    o2 = KBFGSPlus(m2, lr=0.01, update_freq=T, history=history, closure_free=True)
+    o1 = KBFGSPlus(m1, lr=0.01, update_freq=T, history=history, closure_free=False)
+    o2 = KBFGSPlus(m2, lr=0.01, update_freq=T, history=history)  # closure_free by default
     probe = torch.randn(3, 6, dtype=DT)
     steps = 3 * T + 2
     for _ in range(steps):
@@ -241,7 +241,7 @@ def test_closure_free_step_with_a_closure_runs_it_once_and_returns_its_loss():
 
 def test_without_closure_free_a_closure_is_still_required():
     model = _net()
-    opt = KBFGSPlus(model, lr=0.01)
+    opt = KBFGSPlus(model, lr=0.01, closure_free=False)
     x, y = _batches(1)[0]
     with pytest.raises(RuntimeError, match="closure"):
         _plain_step(opt, model, x, y)

@@ -90,7 +90,7 @@ class KBFGSPlus(KBFGS):
     def __init__(self, model: nn.Module, lr: float = 3e-3, damping: float = 1.0,
                  momentum: float = 0.9, update_freq: int = 3, weight_decay: float = 0.0,
                  history: int | None = None, *, beta2: float = 0.999, eps: float = 1e-8,
-                 closure_free: bool = False, **kwargs: Any) -> None:
+                 closure_free: bool = True, **kwargs: Any) -> None:
         check_number("beta2", beta2, 0.0, high=1.0)
         if not beta2 < 1.0:
             raise ValueError(f"beta2 must be in [0, 1), got {beta2!r}")
