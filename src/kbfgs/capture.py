@@ -297,14 +297,17 @@ class Capture:
                 hook = make_hook(layer, records[layer.name])
                 if grad_only:
                     hook = _with_grad_only(hook)
-                handles.append(layer.module.register_forward_hook(hook))
+                handles.append((layer.module, layer.module.register_forward_hook(hook)))
             # a recording left open across the user's loop (grad_only) must not change the
             # compile stance of the user's own code
             with contextlib.nullcontext() if grad_only else eager():
                 yield records
         finally:
-            for h in handles:
+            for module, h in handles:
                 h.remove()
+                # a recording left open and then collected with a garbage cycle: the garbage
+                # collector clears the handle's weak reference first, so remove() is a no-op
+                module._forward_hooks.pop(h.id, None)
 
     @staticmethod
     def _begin_call(helper: KroneckerHelper, rec: LayerRecord, x: Tensor, output: Tensor) -> int:

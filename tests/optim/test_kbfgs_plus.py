@@ -4,6 +4,7 @@ and against K-BFGS itself, in float64."""
 from __future__ import annotations
 
 import copy
+import gc
 import math
 
 import pytest
@@ -278,3 +279,25 @@ def test_closure_free_micro_batches_equal_one_batch():
     assert o2.curvature_updates == o1.curvature_updates == 3 and not o2.demoted
     for a, b in zip(m1.parameters(), m2.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-13)
+
+
+@pytest.mark.parametrize("collect", [False, True])
+def test_closure_free_hooks_go_with_the_optimizer(collect):
+    """The recording left open between steps is removed when the optimizer is dropped: at once
+    (no reference cycle), or by the garbage collector when something holds it in a cycle."""
+    model = _net()
+    opt = KBFGSPlus(model, lr=0.01, update_freq=1)
+    x, y = _batches(1)[0]
+    _plain_step(opt, model, x, y)
+    assert len(model[0]._forward_hooks) == 1
+    if collect:
+        opt.cycle = opt  # only the garbage collector can free it now
+    gc.disable()
+    try:
+        del opt
+        if collect:
+            assert len(model[0]._forward_hooks) == 1
+            gc.collect()
+    finally:
+        gc.enable()
+    assert len(model[0]._forward_hooks) == 0 and len(model[3]._forward_hooks) == 0

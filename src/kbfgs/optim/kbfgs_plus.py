@@ -40,6 +40,7 @@ no pair for that step (warned once).
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -165,8 +166,16 @@ class KBFGSPlus(KBFGS):
         self._disarm()
         k = self.steps + 1
         if k % self.update_freq == 0:
+            # the open recording holds s_A_fn: a weak reference, so that an optimizer dropped
+            # by the user is freed at once and its hooks with it
+            s_A = weakref.WeakMethod(self._s_A)
+
+            def s_A_fn(layer: KroneckerLayer, rec: LayerRecord) -> Tensor | None:
+                fn = s_A()
+                return None if fn is None else fn(layer, rec)
+
             ctx: contextlib.AbstractContextManager[dict[str, LayerRecord]] = \
-                self.capture.kbfgs_pre(self._s_A, need_A=self._needs_explicit_A(),
+                self.capture.kbfgs_pre(s_A_fn, need_A=self._needs_explicit_A(),
                                        group=distributed.process_group(self.model),
                                        grad_only=True)
         elif self._pending is not None:
