@@ -39,7 +39,8 @@ def test_autoencoder_defaults_are_table6(dataset):
 @pytest.mark.parametrize("name", sorted(paper.TABLE8))
 def test_cnn_defaults_are_table8(name):
     p = get_problem(name)
-    assert set(p.hps) == set(paper.TABLE8[name]) | {"kbfgs-plus", "kbfgs-plus-extra"}
+    assert set(p.hps) == set(paper.TABLE8[name]) | {"kbfgs-plus", "kbfgs-plus-extra", "muon",
+                                                     "soap"}
     for method, (lr, wd, damping) in paper.TABLE8[name].items():
         hp = p.defaults(method)
         assert (hp["lr"], hp["weight_decay"], hp.get("damping")) == (lr, wd, damping)
@@ -49,6 +50,11 @@ def test_cnn_defaults_are_table8(name):
     plus, kb = p.defaults("kbfgs-plus"), p.defaults("kbfgs")
     assert (plus["lr"], plus["damping"], plus["update_freq"]) == (3e-3, 1.0, 20)
     assert plus["lr"] * plus["weight_decay"] == pytest.approx(kb["lr"] * kb["weight_decay"])
+    # the peers: the resnet32-fmnist grid's lr, the same decay per step
+    for peer in ("muon", "soap"):
+        hp = p.defaults(peer)
+        assert hp["lr"] == 3e-3
+        assert hp["lr"] * hp["weight_decay"] == pytest.approx(kb["lr"] * kb["weight_decay"])
 
 
 def test_the_former_copies_agree_by_construction():

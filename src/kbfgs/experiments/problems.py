@@ -326,13 +326,26 @@ def _ae_hps(dataset: str, loss: str) -> tuple[dict[str, dict[str, Any]], dict[st
     return hps, notes
 
 
+#: the peers on the CNNs: the best validation accuracy of a 1-epoch lr grid on resnet32-fmnist
+#: (docs/results.md), with K-BFGS's decoupled decay per step (``lr * weight_decay``)
+_PEER_CNN_LR = {"muon": 3e-3, "soap": 3e-3}
+_PEER_CNN_NOTES = {m: "best lr of a 1-epoch grid on resnet32-fmnist (docs/results.md); decay per "
+                      "step lr * weight_decay as K-BFGS's Table 8 value"
+                   + ("; Newton-Schulz in float32 on CPU" if m == "muon" else "")
+                   for m in _PEER_CNN_LR}
+
+
 def _cnn_hps(table: dict[str, tuple[Any, Any, Any]]) -> dict[str, dict[str, Any]]:
     hps = {method: paper.table8_hps(method, *entry) for method, entry in table.items()}
     kb = hps["kbfgs"]
     # the same decoupled decay per step as K-BFGS's Table 8 setting: lr * wd unchanged
-    wd = kb["lr"] * kb.get("weight_decay", 0.0) / _PLUS_HPS["lr"]
-    hps[PLUS] = {**_PLUS_HPS, "weight_decay": wd, "update_freq": kb.get("update_freq", 20)}
+    per_step = kb["lr"] * kb.get("weight_decay", 0.0)
+    hps[PLUS] = {**_PLUS_HPS, "weight_decay": per_step / _PLUS_HPS["lr"],
+                 "update_freq": kb.get("update_freq", 20)}
     hps[PLUS_EXTRA] = {**hps[PLUS], "closure_free": False}
+    hps["muon"] = {"lr": _PEER_CNN_LR["muon"], "weight_decay": per_step / _PEER_CNN_LR["muon"],
+                   "momentum": 0.95}
+    hps["soap"] = {"lr": _PEER_CNN_LR["soap"], "weight_decay": per_step / _PEER_CNN_LR["soap"]}
     return hps
 
 
@@ -354,8 +367,13 @@ _FIRST_ORDER_SCHEDULE = paper.FIRST_ORDER_SCHEDULE  # Section 6.2: SGD-m, Adam
 def _cnn(name: str, dataset: str, model: str, image_shape: tuple[int, int, int],
          num_classes: int, table: dict, source: str, notes: dict[str, str] | None = None,
          description: str = "") -> Problem:
+    notes = dict(notes or {})
+    for m, note in _PEER_CNN_NOTES.items():
+        notes[m] = note if name == "resnet32-fmnist" else (
+            "the resnet32-fmnist grid's value (not tuned here)"
+            + ("; Newton-Schulz in float32 on CPU" if m == "muon" else ""))
     return Problem(name=name, dataset=dataset, model=model, loss="ce", batch_size=128,
-                   hps=_cnn_hps(table), hp_notes=notes or {}, source=source, classifier=True,
+                   hps=_cnn_hps(table), hp_notes=notes, source=source, classifier=True,
                    image_shape=image_shape, num_classes=num_classes, augment=True,
                    schedule={"second_order": _SECOND_ORDER_SCHEDULE,
                              "first_order": _FIRST_ORDER_SCHEDULE},
