@@ -40,20 +40,21 @@ def test_autoencoder_defaults_are_table6(dataset):
 def test_cnn_defaults_are_table8(name):
     p = get_problem(name)
     assert set(p.hps) == set(paper.TABLE8[name]) | {"kbfgs-plus", "kbfgs-plus-extra", "muon",
-                                                     "soap"}
+                                                     "soap", "shampoo"}
     for method, (lr, wd, damping) in paper.TABLE8[name].items():
         hp = p.defaults(method)
         assert (hp["lr"], hp["weight_decay"], hp.get("damping")) == (lr, wd, damping)
     assert p.defaults("kbfgs")["update_freq"] == 20
     assert (p.defaults("kfac")["stat_freq"], p.defaults("kfac")["inv_freq"]) == (10, 100)
-    # kbfgs-plus: its one setting, with K-BFGS's T and decay per step (lr * wd)
+    # kbfgs-plus: its setting with the CNN grid's lr, K-BFGS's T and decay per step (lr * wd)
     plus, kb = p.defaults("kbfgs-plus"), p.defaults("kbfgs")
-    assert (plus["lr"], plus["damping"], plus["update_freq"]) == (3e-3, 1.0, 20)
+    assert (plus["lr"], plus["damping"], plus["update_freq"]) == (0.01, 1.0, 20)
+    assert plus["beta2"] == 0.95
     assert plus["lr"] * plus["weight_decay"] == pytest.approx(kb["lr"] * kb["weight_decay"])
     # the peers: the resnet32-fmnist grid's lr, the same decay per step
-    for peer in ("muon", "soap"):
+    for peer, lr in (("muon", 3e-3), ("soap", 3e-3), ("shampoo", 1e-4)):
         hp = p.defaults(peer)
-        assert hp["lr"] == 3e-3
+        assert hp["lr"] == lr
         assert hp["lr"] * hp["weight_decay"] == pytest.approx(kb["lr"] * kb["weight_decay"])
 
 

@@ -132,6 +132,18 @@ def test_factory_name_and_defaults():
     opt = kbfgs.make_optimizer("kbfgs-plus", _net())
     assert isinstance(opt, KBFGSPlus)
     assert opt.param_groups[0]["lr"] == 3e-3 and opt.param_groups[0]["damping"] == 1.0
+    assert opt.beta2 == 0.95
+
+
+def test_runner_hands_beta2_to_the_optimizer():
+    """beta2 is a runner hyper-parameter of kbfgs-plus (default 0.95, recorded in the results)."""
+    from kbfgs.experiments.problems import get_problem
+    from kbfgs.experiments.trainer import make_method_optimizer
+
+    hps = get_problem("fmnist-ae").defaults("kbfgs-plus")
+    assert hps["beta2"] == 0.95
+    assert make_method_optimizer("kbfgs-plus", _net(), hps).beta2 == 0.95
+    assert make_method_optimizer("kbfgs-plus", _net(), {**hps, "beta2": 0.99}).beta2 == 0.99
 
 
 # ---------------------------------------------------------------------------------------------

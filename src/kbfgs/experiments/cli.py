@@ -82,6 +82,7 @@ _HP_FLAGS: tuple[tuple[str, Callable[[str], Any], str], ...] = (
     ("momentum", _MOMENTUM, "momentum beta (0.9 in the paper)"),
     ("update_freq", _POS_INT, "K-BFGS curvature update frequency T"),
     ("history", _POS_INT, "K-BFGS(L): number of L-BFGS pairs (100)"),
+    ("beta2", _MOMENTUM, "kbfgs-plus: decay of Adam's second moment (0.95)"),
     ("stat_freq", _POS_INT, "KFAC: statistics update frequency T1"),
     ("inv_freq", _POS_INT, "KFAC: inverse update frequency T2"),
     ("likelihood", str, "KFAC: bernoulli, gaussian or categorical"),

@@ -79,7 +79,9 @@ class KBFGSPlus(KBFGS):
     Args: as :class:`kbfgs.KBFGS`, with ``lr`` in Adam's units (default 3e-3), curvature
     every ``update_freq = 3`` steps (the grafted step does not need it more often:
     docs/results.md, "kbfgs-plus"), and
-        beta2: decay of Adam's second moment (0.999).
+        beta2: decay of Adam's second moment (0.95, not Adam's 0.999: the second moment must
+            follow a burst of large gradients within a few dozen steps, or the grafted step
+            grows with it; docs/api.md, "kbfgs-plus").
         eps: Adam's epsilon (1e-8).
         closure_free: ``step()`` without a closure, after the loop's own backward; the "+"
             measurement comes from the next iteration's pass (module docstring). ``False``:
@@ -90,7 +92,7 @@ class KBFGSPlus(KBFGS):
 
     def __init__(self, model: nn.Module, lr: float = 3e-3, damping: float = 1.0,
                  momentum: float = 0.9, update_freq: int = 3, weight_decay: float = 0.0,
-                 history: int | None = None, *, beta2: float = 0.999, eps: float = 1e-8,
+                 history: int | None = None, *, beta2: float = 0.95, eps: float = 1e-8,
                  closure_free: bool = True, **kwargs: Any) -> None:
         check_number("beta2", beta2, 0.0, high=1.0)
         if not beta2 < 1.0:
