@@ -315,8 +315,9 @@ def test_peers_are_runner_methods_with_fmnist_defaults():
         assert METHOD_FACTORY[m] == m and "lr" in p.defaults(m) and m in p.hp_notes
         assert p.grid(m)["lr"]
     assert "float32" in p.hp_notes["muon"]
-    # the CNNs: Muon and SOAP from the resnet32-fmnist grid; Shampoo has no default there
+    # the CNNs: the resnet32-fmnist grid's values; faces-ae has no peer defaults
     cnn = get_problem("resnet32-fmnist")
     assert cnn.defaults("muon")["lr"] == cnn.defaults("soap")["lr"] == 3e-3
+    assert cnn.defaults("shampoo")["lr"] == 1e-4
     with pytest.raises(ValueError, match="no default"):
-        cnn.defaults("shampoo")
+        get_problem("faces-ae").defaults("shampoo")
