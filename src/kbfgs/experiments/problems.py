@@ -346,10 +346,9 @@ def _cnn_hps(table: dict[str, tuple[Any, Any, Any]]) -> dict[str, dict[str, Any]
     hps[PLUS] = {**_PLUS_HPS, "lr": _PLUS_CNN_LR, "weight_decay": per_step / _PLUS_CNN_LR,
                  "update_freq": kb.get("update_freq", 20)}
     hps[PLUS_EXTRA] = {**hps[PLUS], "closure_free": False}
-    hps["muon"] = {"lr": _PEER_CNN_LR["muon"], "weight_decay": per_step / _PEER_CNN_LR["muon"],
-                   "momentum": 0.95}
-    for m in ("soap", "shampoo"):
-        hps[m] = {"lr": _PEER_CNN_LR[m], "weight_decay": per_step / _PEER_CNN_LR[m]}
+    for m, lr in _PEER_CNN_LR.items():
+        hps[m] = {"lr": lr, "weight_decay": per_step / lr,
+                  **({"momentum": 0.95} if m == "muon" else {})}
     return hps
 
 
@@ -372,8 +371,8 @@ def _cnn(name: str, dataset: str, model: str, image_shape: tuple[int, int, int],
          num_classes: int, table: dict, source: str, notes: dict[str, str] | None = None,
          description: str = "") -> Problem:
     notes = dict(notes or {})
-    notes[PLUS] = ("the kbfgs-plus setting with lr 0.01, the best of a 1-epoch grid on "
-                   "resnet32-fmnist" + ("" if name == "resnet32-fmnist" else " (not tuned here)")
+    notes[PLUS] = (f"the kbfgs-plus setting with lr {_PLUS_CNN_LR:g}, the best of a 1-epoch grid "
+                   "on resnet32-fmnist" + ("" if name == "resnet32-fmnist" else " (not tuned here)")
                    + ", and K-BFGS's T = 20 and decay per step (docs/results.md)")
     for m, note in _PEER_CNN_NOTES.items():
         notes[m] = note if name == "resnet32-fmnist" else (
