@@ -131,7 +131,7 @@ def test_bad_arguments_are_value_errors_naming_them(name, value):
 def test_factory_name_and_defaults():
     opt = kbfgs.make_optimizer("kbfgs-plus", _net())
     assert isinstance(opt, KBFGSPlus)
-    assert opt.param_groups[0]["lr"] == 3e-3 and opt.param_groups[0]["damping"] == 1.0
+    assert opt.param_groups[0]["lr"] == 5e-3 and opt.param_groups[0]["damping"] == 1.0
     assert opt.beta2 == 0.95
 
 

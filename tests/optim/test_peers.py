@@ -315,6 +315,11 @@ def test_peers_are_runner_methods_with_fmnist_defaults():
         assert METHOD_FACTORY[m] == m and "lr" in p.defaults(m) and m in p.hp_notes
         assert p.grid(m)["lr"]
     assert "float32" in p.hp_notes["muon"]
+    # curves-ae: its own 120 s grid's values (not the fmnist-ae grid's)
+    c = get_problem("curves-ae")
+    assert c.defaults("muon")["lr"] == c.defaults("soap")["lr"] == 5e-3
+    assert p.defaults("muon")["lr"] == p.defaults("soap")["lr"] == 0.01
+    assert c.defaults("shampoo")["lr"] == 1e-4 and "curves-ae" in c.hp_notes["soap"]
     # the CNNs: the resnet32-fmnist grid's values; faces-ae has no peer defaults
     cnn = get_problem("resnet32-fmnist")
     assert cnn.defaults("muon")["lr"] == cnn.defaults("soap")["lr"] == 3e-3

@@ -76,7 +76,7 @@ def graft(P: Tensor, norm: Tensor) -> Tensor:
 class KBFGSPlus(KBFGS):
     """K-BFGS (or K-BFGS(L) with ``history``) whose per-layer step length is Adam's.
 
-    Args: as :class:`kbfgs.KBFGS`, with ``lr`` in Adam's units (default 3e-3), curvature
+    Args: as :class:`kbfgs.KBFGS`, with ``lr`` in Adam's units (default 5e-3), curvature
     every ``update_freq = 3`` steps (the grafted step does not need it more often:
     docs/results.md, "kbfgs-plus"), and
         beta2: decay of Adam's second moment (0.95, not Adam's 0.999: the second moment must
@@ -90,7 +90,7 @@ class KBFGSPlus(KBFGS):
     docs/api.md ("kbfgs-plus").
     """
 
-    def __init__(self, model: nn.Module, lr: float = 3e-3, damping: float = 1.0,
+    def __init__(self, model: nn.Module, lr: float = 5e-3, damping: float = 1.0,
                  momentum: float = 0.9, update_freq: int = 3, weight_decay: float = 0.0,
                  history: int | None = None, *, beta2: float = 0.95, eps: float = 1e-8,
                  closure_free: bool = True, **kwargs: Any) -> None:
