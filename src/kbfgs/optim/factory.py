@@ -109,7 +109,7 @@ _METHODS: dict[str, _Method] = {
         "(norm grafting), Adam on the other parameters; lr in Adam's units",
         lambda model, **hp: KBFGSPlus(model, **hp),
         _KBFGS_HPS + ("history", "beta2", "eps", "closure_free"),
-        required=(), defaults={"lr": 5e-3, "damping": 1.0}),
+        required=()),  # lr, damping: KBFGSPlus's own defaults
     "kfac": _Method(
         "KFAC",
         "KFAC (Algorithm 5): Omega/Gamma moving averages with sampled targets every stat_freq "
