@@ -25,6 +25,7 @@ defaults below say where they come from (``Problem.hp_notes``).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +36,7 @@ from torch import Tensor, nn
 
 from ..optim.factory import PEER_NAMES
 from ..optim.factory import title as optimizer_title
+from ..optim.kbfgs_plus import KBFGSPlus
 from . import models as _models
 from . import paper
 
@@ -258,11 +260,21 @@ _PEER_AE_GRIDS: dict[str, dict[str, tuple[float, ...]]] = {
     "soap": {"lr": _PEER_LRS},
     "shampoo": {"lr": (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 0.01)},
 }
+
+
+def _peer_hps(method: str, lr: float) -> dict[str, Any]:
+    """A peer's runner hyper-parameters at ``lr``: no weight decay (as the paper's methods on
+    the autoencoders), and Muon's momentum 0.95 (its authors' value)."""
+    return {"lr": lr, "weight_decay": 0.0, **({"momentum": 0.95} if method == "muon" else {})}
+
+
+def _peer_note(method: str, text: str) -> str:
+    """``text``, and for Muon the dtype of its Newton-Schulz iteration here."""
+    return text + ("; Newton-Schulz in float32 on CPU" if method == "muon" else "")
+
+
 _PEER_FMNIST: dict[str, dict[str, Any]] = {
-    "muon": {"lr": 0.01, "weight_decay": 0.0, "momentum": 0.95},
-    "soap": {"lr": 0.01, "weight_decay": 0.0},
-    "shampoo": {"lr": 3e-5, "weight_decay": 0.0},
-}
+    m: _peer_hps(m, lr) for m, lr in {"muon": 0.01, "soap": 0.01, "shampoo": 3e-5}.items()}
 _PEER_FMNIST_NOTES = {
     "muon": "best lr of a 25 s grid on fmnist-ae (docs/results.md); Newton-Schulz in float32 "
             "on CPU (torch's bfloat16 on CUDA)",
@@ -273,22 +285,16 @@ _PEER_FMNIST_NOTES = {
 
 
 def _reused(where: str) -> dict[str, str]:
-    return {m: f"the fmnist-ae grid's value (not tuned on {where})"
-               + ("; Newton-Schulz in float32 on CPU" if m == "muon" else "")
+    return {m: _peer_note(m, f"the fmnist-ae grid's value (not tuned on {where})")
             for m in _PEER_FMNIST}
 
 
 #: curves-ae: the best of a 120 s grid (seed 1) on curves-ae itself, the same lrs for every
 #: method and kbfgs-plus (3e-3, 5e-3, 0.01, 0.02; Shampoo 1e-5 to 3e-4), docs/results.md
 _PEER_CURVES: dict[str, dict[str, Any]] = {
-    "muon": {"lr": 5e-3, "weight_decay": 0.0, "momentum": 0.95},
-    "soap": {"lr": 5e-3, "weight_decay": 0.0},
-    "shampoo": {"lr": 1e-4, "weight_decay": 0.0},
-}
-_PEER_CURVES_NOTES = {
-    m: "best lr of a 120 s grid on curves-ae (docs/results.md)"
-       + ("; Newton-Schulz in float32 on CPU" if m == "muon" else "")
-    for m in _PEER_CURVES}
+    m: _peer_hps(m, lr) for m, lr in {"muon": 5e-3, "soap": 5e-3, "shampoo": 1e-4}.items()}
+_PEER_CURVES_NOTES = {m: _peer_note(m, "best lr of a 120 s grid on curves-ae (docs/results.md)")
+                      for m in _PEER_CURVES}
 
 #: data set -> (peer defaults, notes): a grid per problem; mnist-ae reuses the fmnist-ae grid's
 #: values (same model) until it has its own
@@ -303,8 +309,10 @@ PLUS = "kbfgs-plus"
 #: kbfgs-plus with Algorithm 2's extra pass on the same minibatch (``closure_free=False``), the
 #: ablation of the default, which takes the "+" measurement from the next iteration's pass
 PLUS_EXTRA = "kbfgs-plus-extra"
-_PLUS_HPS: dict[str, Any] = {"lr": 5e-3, "damping": 1.0, "weight_decay": 0.0, "momentum": 0.9,
-                             "beta2": 0.95, "update_freq": 3, "closure_free": True}
+#: KBFGSPlus's own defaults, spelled out here because every result records its hyper-parameters
+_PLUS_HPS: dict[str, Any] = {
+    k: inspect.signature(KBFGSPlus).parameters[k].default
+    for k in ("lr", "damping", "weight_decay", "momentum", "beta2", "update_freq", "closure_free")}
 _PLUS_NOTE = "the one kbfgs-plus setting (docs/results.md, \"kbfgs-plus\")"
 _PLUS_GRID: dict[str, tuple[float, ...]] = {"lr": (3e-3, 5e-3, 0.01, 0.02),
                                              "damping": (0.3, 1.0, 3.0)}
@@ -345,9 +353,9 @@ _PLUS_CNN_LR = 0.01
 #: the peers on the CNNs: the best validation accuracy of a 1-epoch lr grid on resnet32-fmnist
 #: (docs/results.md), with K-BFGS's decoupled decay per step (``lr * weight_decay``)
 _PEER_CNN_LR = {"muon": 3e-3, "soap": 3e-3, "shampoo": 1e-4}
-_PEER_CNN_NOTES = {m: "best lr of a 1-epoch grid on resnet32-fmnist (docs/results.md); decay per "
-                      "step lr * weight_decay as K-BFGS's Table 8 value"
-                   + ("; Newton-Schulz in float32 on CPU" if m == "muon" else "")
+_PEER_CNN_NOTES = {m: _peer_note(m, "best lr of a 1-epoch grid on resnet32-fmnist "
+                                     "(docs/results.md); decay per step lr * weight_decay as "
+                                     "K-BFGS's Table 8 value")
                    for m in _PEER_CNN_LR}
 
 
@@ -360,8 +368,7 @@ def _cnn_hps(table: dict[str, tuple[Any, Any, Any]]) -> dict[str, dict[str, Any]
                  "update_freq": kb.get("update_freq", 20)}
     hps[PLUS_EXTRA] = {**hps[PLUS], "closure_free": False}
     for m, lr in _PEER_CNN_LR.items():
-        hps[m] = {"lr": lr, "weight_decay": per_step / lr,
-                  **({"momentum": 0.95} if m == "muon" else {})}
+        hps[m] = {**_peer_hps(m, lr), "weight_decay": per_step / lr}
     return hps
 
 
@@ -388,9 +395,8 @@ def _cnn(name: str, dataset: str, model: str, image_shape: tuple[int, int, int],
                    "on resnet32-fmnist" + ("" if name == "resnet32-fmnist" else " (not tuned here)")
                    + ", and K-BFGS's T = 20 and decay per step (docs/results.md)")
     for m, note in _PEER_CNN_NOTES.items():
-        notes[m] = note if name == "resnet32-fmnist" else (
-            "the resnet32-fmnist grid's value (not tuned here)"
-            + ("; Newton-Schulz in float32 on CPU" if m == "muon" else ""))
+        notes[m] = note if name == "resnet32-fmnist" else _peer_note(
+            m, "the resnet32-fmnist grid's value (not tuned here)")
     return Problem(name=name, dataset=dataset, model=model, loss="ce", batch_size=128,
                    hps=_cnn_hps(table), hp_notes=notes, source=source, classifier=True,
                    image_shape=image_shape, num_classes=num_classes, augment=True,
