@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import kbfgs
-from kbfgs.optim.kbfgs_plus import KBFGSPlus, adam_direction, graft
+from kbfgs.optim.kbfgs_plus import KBFGSPlus, adam_direction, graft, graft_rows
 
 DT = torch.float64
 
@@ -313,3 +313,98 @@ def test_closure_free_hooks_go_with_the_optimizer(collect):
     finally:
         gc.enable()
     assert len(model[0]._forward_hooks) == 0 and len(model[3]._forward_hooks) == 0
+
+
+def test_graft_rows_sets_each_rows_norm_and_keeps_its_direction():
+    g = torch.Generator().manual_seed(3)
+    P = torch.randn(4, 5, generator=g, dtype=DT)
+    P[2] = 0.0  # a zero row stays zero
+    norms = torch.tensor([1.0, 2.5, 7.0, 0.5], dtype=DT)
+    out = graft_rows(P.clone(), norms)
+    for i in range(4):
+        if i == 2:
+            assert torch.equal(out[i], torch.zeros(5, dtype=DT))
+            continue
+        expected = [float(v) * float(norms[i]) / math.sqrt(sum(float(u) ** 2 for u in P[i]))
+                    for v in P[i]]
+        assert out[i].tolist() == pytest.approx(expected, rel=1e-12)
+
+
+def test_row_graft_first_step_moves_each_row_by_adams_length_along_kbfgs():
+    """graft="row": at step 1 every output row of a layer moves by lr * sqrt(#entries of the
+    row with a non-zero gradient), along that row of K-BFGS's own direction."""
+    model = _net()
+    ref_model = copy.deepcopy(model)
+    lr = 0.01
+    opt = KBFGSPlus(model, lr=lr, damping=1.0, graft="row", eps=1e-15)  # |g|/(|g|+eps) = 1
+    ref = kbfgs.KBFGS(ref_model, lr=1.0, damping=1.0)
+    (x, y), = _batches(1)
+    w0 = [p.detach().clone() for p in model.parameters()]
+    opt.step(_closure(opt, model, x, y))
+    ref.step(_closure(ref, ref_model, x, y))
+    params, ref_params = list(model.parameters()), list(ref_model.parameters())
+    for w, b in ((0, 1), (4, 5)):  # (weight, bias) of the Linear layers
+        d_plus = torch.cat([params[w].detach() - w0[w],
+                            (params[b].detach() - w0[b]).unsqueeze(1)], dim=1)
+        d_ref = torch.cat([ref_params[w].detach() - w0[w],
+                           (ref_params[b].detach() - w0[b]).unsqueeze(1)], dim=1)
+        for row, row_ref in zip(d_plus, d_ref):
+            cos = torch.dot(row, row_ref) / (row.norm() * row_ref.norm())
+            assert float(cos) == pytest.approx(1.0, abs=1e-12)
+            # the norms are summed in float32
+            assert float(row.norm()) == pytest.approx(lr * math.sqrt(row.numel()), rel=1e-6)
+
+
+def test_nesterov_without_kronecker_layers_is_adam_on_the_nesterov_momentum():
+    """nesterov=True on the other parameters: the direction is Adam's with the heavy-ball buffer
+    replaced by ``g + beta1 buf`` (float64 by hand)."""
+    model = _net()
+    w0 = [p.detach().clone() for p in model.parameters()]
+    lr, b1, b2, eps = 0.01, 0.9, 0.95, 1e-8
+    opt = KBFGSPlus(model, lr=lr, skip_layers=[nn.Linear], nesterov=True)
+    ws = [w.clone() for w in w0]
+    bufs = [torch.zeros_like(w) for w in w0]
+    vs = [torch.zeros_like(w) for w in w0]
+    for k, (x, y) in enumerate(_batches(4), start=1):
+        opt.step(_closure(opt, model, x, y))
+        ref = _net()
+        with torch.no_grad():
+            for p, w in zip(ref.parameters(), ws):
+                p.copy_(w)
+        loss = 0.5 * (ref(x) - y).pow(2).sum(1).mean()
+        grads = torch.autograd.grad(loss, list(ref.parameters()))
+        for i, gr in enumerate(grads):
+            bufs[i] = b1 * bufs[i] + gr
+            vs[i] = b2 * vs[i] + (1 - b2) * gr * gr
+            m_hat = (gr + b1 * bufs[i]) * (1 - b1) / (1 - b1 ** (k + 1))  # k + 1 terms
+            ws[i] = ws[i] - lr * m_hat / ((vs[i] / (1 - b2 ** k)).sqrt() + eps)
+    for p, w in zip(model.parameters(), ws):
+        torch.testing.assert_close(p.detach(), w, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("graft_by", ["layer", "row"])
+def test_nesterov_first_kronecker_step_follows_kbfgs_on_the_nesterov_momentum(graft_by):
+    """At step 1 the Nesterov momentum is (1 + beta1) g: K-BFGS's direction and, bias-corrected
+    over its two terms, Adam's length: the step without Nesterov."""
+    model = _net()
+    ref_model = copy.deepcopy(model)
+    opt = KBFGSPlus(model, lr=0.01, damping=1.0, nesterov=True, graft=graft_by)
+    ref = KBFGSPlus(ref_model, lr=0.01, damping=1.0, graft=graft_by)
+    (x, y), = _batches(1)
+    opt.step(_closure(opt, model, x, y))
+    ref.step(_closure(ref, ref_model, x, y))
+    for a, b in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name,value,error", [("graft", "column", ValueError),
+                                              ("nesterov", 1, TypeError)])
+def test_bad_graft_or_nesterov_is_refused_naming_it(name, value, error):
+    with pytest.raises(error, match=name):
+        KBFGSPlus(_net(), **{name: value})
+
+
+def test_graft_of_a_zero_matrix_to_a_large_norm_stays_zero():
+    """norm / tiny overflows in float32 for a norm above about 4: no inf * 0 = NaN."""
+    zero = graft(torch.zeros(2, 2), torch.tensor(50.0))
+    assert torch.equal(zero, torch.zeros(2, 2))

@@ -49,19 +49,22 @@ from torch import Tensor, nn
 
 from .. import distributed
 from ..capture import KroneckerLayer, LayerRecord, autocast_off, reduce_kbfgs_records
-from .base import momentum_buffers
+from .base import momentum_buffers, two_sided_product
 from .kbfgs import KBFGS, KBFGSLayerState
 from .validation import check_number, check_param_groups
 
-__all__ = ["KBFGSPlus", "adam_direction", "graft"]
+__all__ = ["KBFGSPlus", "adam_direction", "graft", "graft_rows"]
 
 
 def adam_direction(buf: Tensor, exp_avg_sq: Tensor, beta1: float, beta2: float, step: int,
-                   eps: float) -> Tensor:
+                   eps: float, nesterov: bool = False) -> Tensor:
     """Adam's step direction ``m_hat / (sqrt(v_hat) + eps)`` from a heavy-ball momentum buffer
     ``buf = beta1 buf + g`` (so ``m = (1 - beta1) buf`` is Adam's first moment) and Adam's
-    second moment ``exp_avg_sq``, both after ``step`` updates (bias-corrected)."""
-    m_hat = buf * ((1.0 - beta1) / (1.0 - beta1 ** step)) if beta1 > 0 else buf
+    second moment ``exp_avg_sq``, both after ``step`` updates (bias-corrected).
+    ``nesterov``: ``buf`` is the Nesterov momentum ``g + beta1 buf``, a sum of ``step + 1``
+    decaying terms, and is bias-corrected as such (at step 1 it is ``g``'s Adam direction)."""
+    n = step + 1 if nesterov else step
+    m_hat = buf * ((1.0 - beta1) / (1.0 - beta1 ** n)) if beta1 > 0 else buf
     denom = (exp_avg_sq / (1.0 - beta2 ** step)).sqrt_().add_(eps)
     return m_hat / denom
 
@@ -69,8 +72,20 @@ def adam_direction(buf: Tensor, exp_avg_sq: Tensor, beta1: float, beta2: float, 
 def graft(P: Tensor, norm: Tensor) -> Tensor:
     """``P`` rescaled in place to the Frobenius norm ``norm`` (a 0-dim tensor; no host sync).
     A zero ``P`` stays zero."""
-    scale = norm / torch.linalg.vector_norm(P).clamp_min(torch.finfo(P.dtype).tiny)
-    return P.mul_(scale.to(P.dtype))
+    return P.mul_(_ratio(norm.to(P.dtype), torch.linalg.vector_norm(P)))
+
+
+def graft_rows(P: Tensor, row_norms: Tensor) -> Tensor:
+    """Every row ``i`` of the matrix ``P`` rescaled in place to the norm ``row_norms[i]`` (no
+    host sync). A zero row stays zero."""
+    have = torch.linalg.vector_norm(P, dim=1)
+    return P.mul_(_ratio(row_norms.to(P.dtype), have).unsqueeze(1))
+
+
+def _ratio(want: Tensor, have: Tensor) -> Tensor:
+    """``want / have``, and 0 where ``have`` is 0 (a zero stays zero: no inf, no NaN)."""
+    return torch.where(have > 0, want / have.clamp_min(torch.finfo(have.dtype).tiny),
+                       torch.zeros_like(want))
 
 
 class KBFGSPlus(KBFGS):
@@ -93,13 +108,20 @@ class KBFGSPlus(KBFGS):
     def __init__(self, model: nn.Module, lr: float = 5e-3, damping: float = 1.0,
                  momentum: float = 0.9, update_freq: int = 3, weight_decay: float = 0.0,
                  history: int | None = None, *, beta2: float = 0.95, eps: float = 1e-8,
-                 closure_free: bool = True, **kwargs: Any) -> None:
+                 closure_free: bool = True, graft: str = "layer", nesterov: bool = False,
+                 **kwargs: Any) -> None:
         check_number("beta2", beta2, 0.0, high=1.0)
         if not beta2 < 1.0:
             raise ValueError(f"beta2 must be in [0, 1), got {beta2!r}")
         check_number("eps", eps, 0.0, strict=True)
         if not isinstance(closure_free, bool):
             raise TypeError(f"closure_free must be True or False, got {closure_free!r}")
+        if graft not in ("layer", "row"):
+            raise ValueError(f"graft must be 'layer' or 'row', got {graft!r}")
+        if not isinstance(nesterov, bool):
+            raise TypeError(f"nesterov must be True or False, got {nesterov!r}")
+        self.graft = graft
+        self.nesterov = nesterov
         self.beta2 = float(beta2)
         self.eps = float(eps)
         self.closure_free = closure_free
@@ -259,16 +281,29 @@ class KBFGSPlus(KBFGS):
         return v, st["adam_step"]
 
     def _precondition(self, layer: KroneckerLayer, st: KBFGSLayerState) -> Tensor:
-        P = super()._precondition(layer, st)
         beta1 = self.param_groups[0]["momentum"]
-        sq = torch.zeros((), dtype=torch.float32, device=P.device)
-        for view, p in zip(layer.helper.split_matrix(st.buf), layer.helper.params()):
-            if p.grad is None:
-                continue
+        rows = st.buf.shape[0]
+        grads = [(view, p) for view, p in zip(layer.helper.split_matrix(st.buf),
+                                              layer.helper.params()) if p.grad is not None]
+        M = st.buf
+        if self.nesterov:  # g + beta1 buf, as torch.optim.SGD(nesterov=True)
+            M = torch.cat([(view.reshape(rows, -1) * beta1).add_(
+                p.grad.reshape(rows, -1).to(view.dtype)) for view, p in grads], dim=1) \
+                if len(grads) == len(layer.helper.params()) else st.buf
+        P = two_sided_product(self._H_G_operator(layer, st), M, st.H_A, self._scratch)
+        sq = torch.zeros(rows if self.graft == "row" else (), dtype=torch.float32,
+                         device=P.device)
+        start = 0
+        for view, p in grads:
+            width = view.reshape(rows, -1).shape[1]
             v, k = self._second_moment(p)
-            d = adam_direction(view.reshape(p.shape), v, beta1, self.beta2, k, self.eps)
-            sq = sq + d.float().pow(2).sum()
-        return graft(P, sq.sqrt())
+            m = M[:, start:start + width] if M is not st.buf else view
+            start += width
+            d = adam_direction(m.reshape(p.shape), v, beta1, self.beta2, k, self.eps,
+                               self.nesterov).float()
+            sq = sq + (d.reshape(rows, -1).pow(2).sum(1) if self.graft == "row"
+                       else d.pow(2).sum())
+        return graft_rows(P, sq.sqrt()) if self.graft == "row" else graft(P, sq.sqrt())
 
     def _update_others(self, others: list[Tensor], group: dict[str, Any]) -> None:
         """Adam (decoupled decay) on every parameter that is not preconditioned, with the
@@ -278,7 +313,8 @@ class KBFGSPlus(KBFGS):
             assert p.grad is not None  # others hold only parameters with a gradient
             buf.mul_(mom).add_(p.grad)
             v, k = self._second_moment(p)
-            d = adam_direction(buf, v, mom, self.beta2, k, self.eps)
+            m = buf * mom + p.grad if self.nesterov else buf
+            d = adam_direction(m, v, mom, self.beta2, k, self.eps, self.nesterov)
             if wd != 0:
                 p.mul_(1.0 - lr * wd)
             p.add_(d.to(p.dtype), alpha=-lr)
