@@ -281,29 +281,28 @@ class KBFGSPlus(KBFGS):
         return v, st["adam_step"]
 
     def _precondition(self, layer: KroneckerLayer, st: KBFGSLayerState) -> Tensor:
+        """``P = H_G M H_A`` (``M`` the momentum ``BUF``, or with ``nesterov`` ``G + beta1 BUF``)
+        grafted to the norm of Adam's direction on the layer (``graft="row"``: row by row)."""
         beta1 = self.param_groups[0]["momentum"]
         rows = st.buf.shape[0]
-        grads = [(view, p) for view, p in zip(layer.helper.split_matrix(st.buf),
-                                              layer.helper.params()) if p.grad is not None]
+        params = layer.helper.params()
+        grads = [p.grad for p in params]
         M = st.buf
-        if self.nesterov:  # g + beta1 buf, as torch.optim.SGD(nesterov=True)
-            M = torch.cat([(view.reshape(rows, -1) * beta1).add_(
-                p.grad.reshape(rows, -1).to(view.dtype)) for view, p in grads], dim=1) \
-                if len(grads) == len(layer.helper.params()) else st.buf
+        if self.nesterov and all(g is not None for g in grads):  # else: momentum SGD's buf
+            M = torch.cat([view.reshape(rows, -1) * beta1 + g.reshape(rows, -1).to(view.dtype)
+                           for view, g in zip(layer.helper.split_matrix(st.buf), grads)
+                           if g is not None], dim=1)
         P = two_sided_product(self._H_G_operator(layer, st), M, st.H_A, self._scratch)
-        sq = torch.zeros(rows if self.graft == "row" else (), dtype=torch.float32,
-                         device=P.device)
-        start = 0
-        for view, p in grads:
-            width = view.reshape(rows, -1).shape[1]
+        by_row = self.graft == "row"
+        sq = torch.zeros(rows if by_row else (), dtype=torch.float32, device=P.device)
+        for view, p in zip(layer.helper.split_matrix(M), params):
+            if p.grad is None:
+                continue
             v, k = self._second_moment(p)
-            m = M[:, start:start + width] if M is not st.buf else view
-            start += width
-            d = adam_direction(m.reshape(p.shape), v, beta1, self.beta2, k, self.eps,
-                               self.nesterov).float()
-            sq = sq + (d.reshape(rows, -1).pow(2).sum(1) if self.graft == "row"
-                       else d.pow(2).sum())
-        return graft_rows(P, sq.sqrt()) if self.graft == "row" else graft(P, sq.sqrt())
+            d = adam_direction(view.reshape(p.shape), v, beta1, self.beta2, k, self.eps,
+                               M is not st.buf).float()
+            sq = sq + (d.reshape(rows, -1).pow(2).sum(1) if by_row else d.pow(2).sum())
+        return graft_rows(P, sq.sqrt()) if by_row else graft(P, sq.sqrt())
 
     def _update_others(self, others: list[Tensor], group: dict[str, Any]) -> None:
         """Adam (decoupled decay) on every parameter that is not preconditioned, with the
