@@ -146,6 +146,26 @@ def test_runner_hands_beta2_to_the_optimizer():
     assert make_method_optimizer("kbfgs-plus", _net(), {**hps, "beta2": 0.99}).beta2 == 0.99
 
 
+def test_cli_flags_graft_and_nesterov_reach_the_optimizer():
+    """``kbfgs run --graft row --nesterov true`` sets the optimizer's options; a bad value is
+    refused by the parser, naming the flag."""
+    from kbfgs.experiments.cli import _overrides, build_parser
+    from kbfgs.experiments.problems import get_problem
+    from kbfgs.experiments.trainer import make_method_optimizer
+
+    args = build_parser().parse_args(["run", "--problem", "curves-ae", "--method", "kbfgs-plus",
+                                      "--graft", "row", "--nesterov", "true"])
+    over = {k: v for k, v in _overrides(args).items() if v is not None}
+    assert over == {"graft": "row", "nesterov": True}
+    hps = {**get_problem("curves-ae").defaults("kbfgs-plus"), **over}
+    opt = make_method_optimizer("kbfgs-plus", _net(), hps)
+    assert (opt.graft, opt.nesterov) == ("row", True)
+    for flag, value in (("--graft", "column"), ("--nesterov", "maybe")):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["run", "--problem", "curves-ae", "--method",
+                                       "kbfgs-plus", flag, value])
+
+
 # ---------------------------------------------------------------------------------------------
 # closure_free=True: the "+" measurement from the next iteration's own forward-backward
 # ---------------------------------------------------------------------------------------------

@@ -74,6 +74,19 @@ _NONNEG_INT = number(int, low=0)
 _FRACTION = number(float, low=0.0, high=1.0, low_open=True)
 _MOMENTUM = number(float, low=0.0, high=1.0, high_open=True)
 _LIKELIHOODS = ("bernoulli", "gaussian", "categorical")
+_GRAFTS = ("layer", "row")
+
+
+def boolean(text: str) -> bool:
+    """An argparse ``type=`` for a yes/no value: true/false, yes/no, on/off or 1/0."""
+    value = {"true": True, "yes": True, "on": True, "1": True,
+             "false": False, "no": False, "off": False, "0": False}.get(text.strip().lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return value
+
+
+boolean.__name__ = "true or false"  # argparse names the type in some messages
 #: (name, argparse type, help) of the hyper-parameter flags
 _HP_FLAGS: tuple[tuple[str, Callable[[str], Any], str], ...] = (
     ("lr", _POS_FLOAT, "learning rate (initial learning rate for the CNNs)"),
@@ -83,6 +96,8 @@ _HP_FLAGS: tuple[tuple[str, Callable[[str], Any], str], ...] = (
     ("update_freq", _POS_INT, "K-BFGS curvature update frequency T"),
     ("history", _POS_INT, "K-BFGS(L): number of L-BFGS pairs (100)"),
     ("beta2", _MOMENTUM, "kbfgs-plus: decay of Adam's second moment (0.95)"),
+    ("graft", str, "kbfgs-plus: Adam's step length per layer or per output row (layer, row)"),
+    ("nesterov", boolean, "kbfgs-plus: Nesterov momentum (true or false)"),
     ("stat_freq", _POS_INT, "KFAC: statistics update frequency T1"),
     ("inv_freq", _POS_INT, "KFAC: inverse update frequency T2"),
     ("likelihood", str, "KFAC: bernoulli, gaussian or categorical"),
@@ -132,7 +147,7 @@ def _add_common(p: argparse.ArgumentParser, *, grid: bool) -> None:
                                                    "--problem P`)"))
     for name, typ, text in _HP_FLAGS:
         flag = "--" + name.replace("_", "-")
-        choices = _LIKELIHOODS if name == "likelihood" else None
+        choices = {"likelihood": _LIKELIHOODS, "graft": _GRAFTS}.get(name)
         if grid and typ is not str:
             hp.add_argument(flag, dest=name, type=typ, nargs="+", default=None, help=text)
         else:

@@ -72,6 +72,7 @@ class RunnerMethod:
 
 
 _KRON = ("lr", "damping", "weight_decay", "momentum", "update_freq")
+_PLUS = _KRON + ("beta2", "graft", "nesterov", "closure_free")
 _KFAC = ("lr", "damping", "weight_decay", "momentum", "stat_freq", "inv_freq", "likelihood")
 
 #: The runner's methods, in the tables' order (Table 3, and Table 7 for the ablation
@@ -87,8 +88,8 @@ RUNNER_METHODS: dict[str, RunnerMethod] = {
     "kfac": RunnerMethod("kfac", _KFAC),
     "adam": RunnerMethod("adam", ("lr", "damping", "weight_decay")),
     "sgd-m": RunnerMethod("sgd-m", ("lr", "weight_decay", "momentum")),
-    "kbfgs-plus": RunnerMethod("kbfgs-plus", _KRON + ("beta2", "closure_free")),
-    "kbfgs-plus-extra": RunnerMethod("kbfgs-plus", _KRON + ("beta2", "closure_free"),
+    "kbfgs-plus": RunnerMethod("kbfgs-plus", _PLUS),
+    "kbfgs-plus-extra": RunnerMethod("kbfgs-plus", _PLUS,
                                      "K-BFGS+ (extra pass)"),
     "muon": RunnerMethod("muon", ("lr", "weight_decay", "momentum")),
     "soap": RunnerMethod("soap", ("lr", "weight_decay")),
@@ -312,7 +313,7 @@ PLUS_EXTRA = "kbfgs-plus-extra"
 #: KBFGSPlus's own defaults, spelled out here because every result records its hyper-parameters
 _PLUS_HPS: dict[str, Any] = {
     k: inspect.signature(KBFGSPlus).parameters[k].default
-    for k in ("lr", "damping", "weight_decay", "momentum", "beta2", "update_freq", "closure_free")}
+    for k in RUNNER_METHODS[PLUS].hps}
 _PLUS_NOTE = "the one kbfgs-plus setting (docs/results.md, \"kbfgs-plus\")"
 _PLUS_GRID: dict[str, tuple[float, ...]] = {"lr": (3e-3, 5e-3, 0.01, 0.02),
                                              "damping": (0.3, 1.0, 3.0)}
