@@ -50,6 +50,8 @@ def test_cnn_defaults_are_table8(name):
     plus, kb = p.defaults("kbfgs-plus"), p.defaults("kbfgs")
     assert (plus["lr"], plus["damping"], plus["update_freq"]) == (0.01, 1.0, 20)
     assert plus["beta2"] == 0.95
+    # the one setting's graft and momentum (row grafting: an option, docs/api.md)
+    assert (plus["graft"], plus["nesterov"]) == ("layer", True)
     assert plus["lr"] * plus["weight_decay"] == pytest.approx(kb["lr"] * kb["weight_decay"])
     # the peers: the resnet32-fmnist grid's lr, the same decay per step
     for peer, lr in (("muon", 3e-3), ("soap", 3e-3), ("shampoo", 1e-4)):

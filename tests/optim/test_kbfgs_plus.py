@@ -63,11 +63,11 @@ def test_graft_keeps_the_direction_and_sets_the_norm():
 
 @pytest.mark.parametrize("wd", [0.0, 0.1])
 def test_without_kronecker_layers_it_is_adamw(wd):
-    """skip_layers=[nn.Linear]: every parameter is an other parameter, so kbfgs-plus is AdamW
-    (betas (momentum, beta2), decoupled decay) step for step."""
+    """skip_layers=[nn.Linear]: every parameter is an other parameter, so kbfgs-plus without
+    Nesterov momentum is AdamW (betas (momentum, beta2), decoupled decay) step for step."""
     model, ref_model = _net(), _net()
     opt = KBFGSPlus(model, lr=0.01, damping=1.0, weight_decay=wd, skip_layers=[nn.Linear],
-                    beta2=0.99)
+                    beta2=0.99, nesterov=False)
     ref = torch.optim.AdamW(ref_model.parameters(), lr=0.01, betas=(0.9, 0.99), eps=1e-8,
                             weight_decay=wd)
     for x, y in _batches(6):
@@ -133,6 +133,7 @@ def test_factory_name_and_defaults():
     assert isinstance(opt, KBFGSPlus)
     assert opt.param_groups[0]["lr"] == 5e-3 and opt.param_groups[0]["damping"] == 1.0
     assert opt.beta2 == 0.95
+    assert (opt.graft, opt.nesterov) == ("layer", True)
 
 
 def test_runner_hands_beta2_to_the_optimizer():
@@ -409,7 +410,7 @@ def test_nesterov_first_kronecker_step_follows_kbfgs_on_the_nesterov_momentum(gr
     model = _net()
     ref_model = copy.deepcopy(model)
     opt = KBFGSPlus(model, lr=0.01, damping=1.0, nesterov=True, graft=graft_by)
-    ref = KBFGSPlus(ref_model, lr=0.01, damping=1.0, graft=graft_by)
+    ref = KBFGSPlus(ref_model, lr=0.01, damping=1.0, graft=graft_by, nesterov=False)
     (x, y), = _batches(1)
     opt.step(_closure(opt, model, x, y))
     ref.step(_closure(ref, ref_model, x, y))

@@ -9,7 +9,9 @@ replaced, layer by layer, by the length of the step Adam would take on that laye
 with ``m_hat`` the bias-corrected average of the gradients (read from K-BFGS's own momentum
 buffer, ``m = (1 - beta1) buf``, ``beta1 = momentum``) and ``v_hat`` Adam's bias-corrected
 second moment (``beta2``). This is the grafting of Shampoo (Agarwal et al. 2020; Gupta et al.
-2018): the preconditioner chooses the direction, a diagonal method the per-layer step size.
+2018): the preconditioner chooses the direction, a diagonal method the step size. By default
+the momentum is Nesterov's (``P = H_G (G + beta1 BUF) H_A``, and the same in ``m``), and
+``graft="row"`` grafts each output row (unit, conv filter) instead of the whole layer.
 ``lr`` is therefore in Adam's units (about 1e-3 to 1e-2), and the step no longer depends on the
 scale of H_A and H_G, so one setting trains every problem here (docs/results.md, "kbfgs-plus").
 Every other parameter (biases of non-Kronecker modules, BatchNorm, embeddings...) gets Adam
@@ -101,6 +103,14 @@ class KBFGSPlus(KBFGS):
         closure_free: ``step()`` without a closure, after the loop's own backward; the "+"
             measurement comes from the next iteration's pass (module docstring). ``False``:
             ``step(closure)`` as K-BFGS, with the extra pass on the same minibatch.
+        graft: ``"layer"`` (default): the layer's step takes the Frobenius norm of Adam's step
+            on the layer; ``"row"``: each output row (a Linear unit, a conv filter with its
+            bias) takes the norm of Adam's step on that row, which also scales the output
+            channels against each other (an option for convs feeding BatchNorm, whose H_G has
+            no curvature: docs/api.md, "kbfgs-plus").
+        nesterov: Nesterov momentum (default ``True``): the direction is
+            ``H_G (G + momentum BUF) H_A`` and Adam's first moment is the Nesterov one
+            (bias-corrected over its ``k + 1`` terms, so step 1 is unchanged).
     ``momentum`` is Adam's beta1 as well as K-BFGS's momentum. See the module docstring and
     docs/api.md ("kbfgs-plus").
     """
@@ -108,7 +118,7 @@ class KBFGSPlus(KBFGS):
     def __init__(self, model: nn.Module, lr: float = 5e-3, damping: float = 1.0,
                  momentum: float = 0.9, update_freq: int = 3, weight_decay: float = 0.0,
                  history: int | None = None, *, beta2: float = 0.95, eps: float = 1e-8,
-                 closure_free: bool = True, graft: str = "layer", nesterov: bool = False,
+                 closure_free: bool = True, graft: str = "layer", nesterov: bool = True,
                  **kwargs: Any) -> None:
         check_number("beta2", beta2, 0.0, high=1.0)
         if not beta2 < 1.0:
