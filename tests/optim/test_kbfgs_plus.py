@@ -429,3 +429,37 @@ def test_graft_of_a_zero_matrix_to_a_large_norm_stays_zero():
     """norm / tiny overflows in float32 for a norm above about 4: no inf * 0 = NaN."""
     zero = graft(torch.zeros(2, 2), torch.tensor(50.0))
     assert torch.equal(zero, torch.zeros(2, 2))
+
+
+def test_nesterov_kronecker_step_is_the_grafted_kbfgs_product_of_the_nesterov_momentum():
+    """A step without a curvature update (T = 2, step 3), by hand in float64 from the state
+    before it: ``P = H_G (G + b1 BUF) H_A`` with ``BUF = b1 BUF + G``, grafted to Adam's
+    norm with the Nesterov first moment ``(1 - b1) M / (1 - b1^(k + 1))``."""
+    model = _net()
+    lr, b1, b2, eps = 0.01, 0.9, 0.95, 1e-8
+    opt = KBFGSPlus(model, lr=lr, damping=1.0, update_freq=2, closure_free=False, nesterov=True)
+    data = _batches(3)
+    for x, y in data[:2]:
+        opt.step(_closure(opt, model, x, y))
+    layer = model[0]
+    st = opt.layer_state["0"]
+    buf, H_A, H_G = st.buf.clone(), st.H_A.clone(), st.H_G.clone()
+    v = [opt.state[p]["exp_avg_sq"].clone() for p in (layer.weight, layer.bias)]
+    k = opt.state[layer.weight]["adam_step"] + 1
+    W = torch.cat([layer.weight.detach(), layer.bias.detach().unsqueeze(1)], dim=1).clone()
+    x, y = data[2]
+    opt.zero_grad()
+    (0.5 * (model(x) - y).pow(2).sum(1).mean()).backward()
+    G = torch.cat([layer.weight.grad, layer.bias.grad.unsqueeze(1)], dim=1).clone()
+    buf = b1 * buf + G
+    M = G + b1 * buf
+    P = H_G @ M @ H_A
+    v_all = torch.cat([b2 * v[0] + (1 - b2) * G[:, :-1] ** 2,
+                       (b2 * v[1] + (1 - b2) * G[:, -1] ** 2).unsqueeze(1)], dim=1)
+    D = ((1 - b1) * M / (1 - b1 ** (k + 1))) / ((v_all / (1 - b2 ** k)).sqrt() + eps)
+    expected = W - lr * P * (D.norm() / P.norm())
+    opt.step(_closure(opt, model, x, y))
+    got = torch.cat([layer.weight.detach(), layer.bias.detach().unsqueeze(1)], dim=1)
+    # the graft's norms are summed in float32
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-9)
+    assert opt.curvature_updates == 1  # only step 2 updated H_A, H_G

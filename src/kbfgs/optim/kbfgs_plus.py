@@ -299,9 +299,7 @@ class KBFGSPlus(KBFGS):
         grads = [p.grad for p in params]
         M = st.buf
         if self.nesterov and all(g is not None for g in grads):  # else: momentum SGD's buf
-            M = torch.cat([view.reshape(rows, -1) * beta1 + g.reshape(rows, -1).to(view.dtype)
-                           for view, g in zip(layer.helper.split_matrix(st.buf), grads)
-                           if g is not None], dim=1)
+            M = self._nesterov_matrix(layer, st.buf, grads, beta1)
         P = two_sided_product(self._H_G_operator(layer, st), M, st.H_A, self._scratch)
         by_row = self.graft == "row"
         sq = torch.zeros(rows if by_row else (), dtype=torch.float32, device=P.device)
@@ -313,6 +311,21 @@ class KBFGSPlus(KBFGS):
                                M is not st.buf).float()
             sq = sq + (d.reshape(rows, -1).pow(2).sum(1) if by_row else d.pow(2).sum())
         return graft_rows(P, sq.sqrt()) if by_row else graft(P, sq.sqrt())
+
+    def _nesterov_matrix(self, layer: KroneckerLayer, buf: Tensor, grads: list[Tensor | None],
+                         beta1: float) -> Tensor:
+        """``G + beta1 BUF`` in a scratch matrix shared by all layers (valid until the next
+        layer's), without temporaries."""
+        flat = self._scratch.get("nesterov")
+        if (flat is None or flat.numel() < buf.numel() or flat.dtype != buf.dtype
+                or flat.device != buf.device):
+            flat = self._scratch["nesterov"] = torch.empty(buf.numel(), dtype=buf.dtype,
+                                                           device=buf.device)
+        M = torch.mul(buf, beta1, out=flat[: buf.numel()].view(buf.shape))
+        for view, g in zip(layer.helper.split_matrix(M), grads):
+            assert g is not None
+            view.add_(g.to(view.dtype))
+        return M
 
     def _update_others(self, others: list[Tensor], group: dict[str, Any]) -> None:
         """Adam (decoupled decay) on every parameter that is not preconditioned, with the
