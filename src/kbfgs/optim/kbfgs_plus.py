@@ -298,8 +298,9 @@ class KBFGSPlus(KBFGS):
         params = layer.helper.params()
         grads = [p.grad for p in params]
         M = st.buf
-        if self.nesterov and all(g is not None for g in grads):  # else: momentum SGD's buf
+        if self.nesterov and all(g is not None for g in grads):
             M = self._nesterov_matrix(layer, st.buf, grads, beta1)
+        # (a layer with a frozen weight or bias keeps the heavy-ball BUF: no G for that part)
         P = two_sided_product(self._H_G_operator(layer, st), M, st.H_A, self._scratch)
         by_row = self.graft == "row"
         sq = torch.zeros(rows if by_row else (), dtype=torch.float32, device=P.device)
