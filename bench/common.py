@@ -141,7 +141,7 @@ METHODS: dict[str, Method] = {m.label: m for m in [
     Method("kbfgs-plus(T=3)", "kbfgs-plus", {"update_freq": 3}, (3,)),
     Method("kbfgs-plus(T=20)", "kbfgs-plus", {"update_freq": 20}, (20,)),
     Method("kbfgs-plus(T=1)", "kbfgs-plus", {"update_freq": 1}, (1,)),
-    # the heavy-ball form measured before Nesterov became the default, and the CNNs' row graft
+    # the heavy-ball form measured before Nesterov became the default, and the row graft option
     Method("kbfgs-plus-hb(T=3)", "kbfgs-plus", {"update_freq": 3, "nesterov": False}, (3,)),
     Method("kbfgs-plus-hb(T=20)", "kbfgs-plus", {"update_freq": 20, "nesterov": False}, (20,)),
     Method("kbfgs-plus-row(T=20)", "kbfgs-plus", {"update_freq": 20, "graft": "row"}, (20,)),

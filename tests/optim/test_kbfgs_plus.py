@@ -150,7 +150,10 @@ def test_runner_hands_beta2_to_the_optimizer():
 def test_cli_flags_graft_and_nesterov_reach_the_optimizer():
     """``kbfgs run --graft row --nesterov true`` sets the optimizer's options; a bad value is
     refused by the parser, naming the flag."""
-    from kbfgs.experiments.cli import _overrides, build_parser
+    from kbfgs.experiments.cli import _GRAFTS, _overrides, build_parser
+    from kbfgs.optim.kbfgs_plus import GRAFTS
+
+    assert _GRAFTS == GRAFTS  # the parser's torch-free copy
     from kbfgs.experiments.problems import get_problem
     from kbfgs.experiments.trainer import make_method_optimizer
 

@@ -74,6 +74,7 @@ _NONNEG_INT = number(int, low=0)
 _FRACTION = number(float, low=0.0, high=1.0, low_open=True)
 _MOMENTUM = number(float, low=0.0, high=1.0, high_open=True)
 _LIKELIHOODS = ("bernoulli", "gaussian", "categorical")
+#: KBFGSPlus's GRAFTS, restated so that parsing needs no torch (a test checks they agree)
 _GRAFTS = ("layer", "row")
 
 

@@ -55,7 +55,10 @@ from .base import momentum_buffers, two_sided_product
 from .kbfgs import KBFGS, KBFGSLayerState
 from .validation import check_number, check_param_groups
 
-__all__ = ["KBFGSPlus", "adam_direction", "graft", "graft_rows"]
+__all__ = ["GRAFTS", "KBFGSPlus", "adam_direction", "graft", "graft_rows"]
+
+#: the values of ``KBFGSPlus(graft=...)``: Adam's length per layer or per output row
+GRAFTS = ("layer", "row")
 
 
 def adam_direction(buf: Tensor, exp_avg_sq: Tensor, beta1: float, beta2: float, step: int,
@@ -126,8 +129,8 @@ class KBFGSPlus(KBFGS):
         check_number("eps", eps, 0.0, strict=True)
         if not isinstance(closure_free, bool):
             raise TypeError(f"closure_free must be True or False, got {closure_free!r}")
-        if graft not in ("layer", "row"):
-            raise ValueError(f"graft must be 'layer' or 'row', got {graft!r}")
+        if graft not in GRAFTS:
+            raise ValueError(f"graft must be one of {', '.join(GRAFTS)}, got {graft!r}")
         if not isinstance(nesterov, bool):
             raise TypeError(f"nesterov must be True or False, got {nesterov!r}")
         self.graft = graft
@@ -297,10 +300,9 @@ class KBFGSPlus(KBFGS):
         rows = st.buf.shape[0]
         params = layer.helper.params()
         grads = [p.grad for p in params]
-        M = st.buf
-        if self.nesterov and all(g is not None for g in grads):
-            M = self._nesterov_matrix(layer, st.buf, grads, beta1)
-        # (a layer with a frozen weight or bias keeps the heavy-ball BUF: no G for that part)
+        # a layer with a frozen weight or bias keeps the heavy-ball BUF (no G for that part)
+        nesterov = self.nesterov and all(g is not None for g in grads)
+        M = self._nesterov_matrix(layer, st.buf, grads, beta1) if nesterov else st.buf
         P = two_sided_product(self._H_G_operator(layer, st), M, st.H_A, self._scratch)
         by_row = self.graft == "row"
         sq = torch.zeros(rows if by_row else (), dtype=torch.float32, device=P.device)
@@ -309,7 +311,7 @@ class KBFGSPlus(KBFGS):
                 continue
             v, k = self._second_moment(p)
             d = adam_direction(view.reshape(p.shape), v, beta1, self.beta2, k, self.eps,
-                               M is not st.buf).float()
+                               nesterov).float()
             sq = sq + (d.reshape(rows, -1).pow(2).sum(1) if by_row else d.pow(2).sum())
         return graft_rows(P, sq.sqrt()) if by_row else graft(P, sq.sqrt())
 
