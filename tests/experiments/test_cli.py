@@ -222,6 +222,23 @@ def test_bad_input_through_the_console_has_no_traceback(tmp_path):
     assert "argument --time-budget" in r.stderr
 
 
+def test_warm_start_flags(tmp_path, capsys):
+    from kbfgs.experiments.cli import build_parser
+
+    parse = build_parser().parse_args
+    base = ["run", "--problem", "curves-ae", "--method", "kbfgs-plus"]
+    assert parse(base).warm_start is None  # the method's default
+    assert parse(base + ["--warm-start"]).warm_start is True
+    assert parse(base + ["--no-warm-start"]).warm_start is False
+    with pytest.raises(SystemExit):
+        parse(base + ["--warm-start", "--no-warm-start"])
+    assert "not allowed with" in capsys.readouterr().err
+    out = tmp_path / "res"
+    assert main(base + ["--warm-start", "--epochs", "0.5", "--out", str(out), *FAST]) == 0
+    res = json.loads(next(out.glob("*.json")).read_text())
+    assert res["spec"]["warm_start"] is True and res["stats"]["warm_started"] is True
+
+
 def test_run_help_says_one_seed_by_default(capsys):
     with pytest.raises(SystemExit):
         main(["run", "--help"])

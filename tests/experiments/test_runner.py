@@ -162,6 +162,21 @@ def test_time_budget_counts_training_process_time(tmp_path):
     assert times == sorted(times)
 
 
+def test_warm_start_default_is_the_methods(tmp_path):
+    """The paper's methods warm-start off the clock (Appendix D.1); kbfgs-plus, compared with
+    the peers at equal process time, does not unless asked, and the run records which."""
+    assert _spec("kbfgs").warm_start and _spec("kfac").warm_start
+    assert not _spec("kbfgs-plus").warm_start and not _spec("kbfgs-plus-extra").warm_start
+    assert _spec("kbfgs-plus", warm_start=True).warm_start
+    assert not _spec("kbfgs", warm_start=False).warm_start
+    assert _spec("kbfgs-plus").run_id() != _spec("kbfgs-plus", warm_start=True).run_id()
+    for method, warm in (("kbfgs", True), ("kbfgs-plus", False)):
+        res, _ = runner.run(_spec(method, epochs=0.5), tmp_path, progress=False,
+                            echo=lambda s: None)
+        assert res["stats"]["warm_started"] is warm
+        assert (res["final"]["warm_start_process_s"] > 0) is warm
+
+
 def test_lr_decay_and_rerun_skips(tmp_path):
     spec = _spec("sgd-m", epochs=4, lr_decay=(2.0, 0.1), subset=50)
     res, ran = runner.run(spec, tmp_path, progress=False, echo=lambda s: None)

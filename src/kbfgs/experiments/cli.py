@@ -183,8 +183,13 @@ def _add_common(p: argparse.ArgumentParser, *, grid: bool) -> None:
                         "--time-budget: budget / 20)")
     p.add_argument("--batch-size", type=_POS_INT, default=None,
                    help="minibatch size (default: the paper's, 1000 or 128)")
-    p.add_argument("--no-warm-start", action="store_true",
-                   help="skip the warm start of K-BFGS / KFAC from the training set")
+    warm = p.add_mutually_exclusive_group()
+    warm.add_argument("--warm-start", dest="warm_start", action="store_const", const=True,
+                      default=None,
+                      help="warm-start the optimizer from the training set, off the clock "
+                           "(default for K-BFGS and KFAC, as the paper; not for kbfgs-plus)")
+    warm.add_argument("--no-warm-start", dest="warm_start", action="store_const", const=False,
+                      help="no warm start (how each optimizer starts then: docs/api.md)")
     p.add_argument("--force", action="store_true",
                    help="rerun runs whose result file already exists (and discard their "
                         "checkpoints)")
@@ -368,7 +373,7 @@ def _spec_kw(args: argparse.Namespace, problem: Any) -> dict[str, Any]:
                 "eval_subset": args.eval_subset, "eval_every": args.eval_every,
                 "batch_size": args.batch_size, "device": _device(args.device),
                 "data_dir": args.data_dir, "threads": args.threads,
-                "warm_start": not args.no_warm_start,
+                "warm_start": args.warm_start,
                 "checkpoint_every": args.checkpoint_every}
 
 

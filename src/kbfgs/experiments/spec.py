@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .problems import METHOD_HPS, Problem, check_method
+from .problems import METHOD_HPS, RUNNER_METHODS, Problem, check_method
 
 __all__ = [
     "HP_ABBREV",
@@ -211,9 +211,12 @@ def make_spec(problem: Problem, method: str, hps: dict[str, Any], seed: int, *,
               eval_subset: int | None = None, eval_every: float | None = None,
               batch_size: int | None = None, device: str = "cpu",
               data_dir: str | None = None, threads: int | None = None,
-              warm_start: bool = True, checkpoint_every: int | None = None) -> RunSpec:
+              warm_start: bool | None = None, checkpoint_every: int | None = None) -> RunSpec:
     """A RunSpec with the problem's defaults filled in and its data identified (the data is
-    loaded, once per process, to fingerprint it)."""
+    loaded, once per process, to fingerprint it). ``warm_start=None``: the method's default
+    (``RunnerMethod.warm_start``)."""
+    if warm_start is None:
+        warm_start = RUNNER_METHODS[method].warm_start
     if eval_subset is None:
         eval_subset = problem.eval_subset
     if eval_every is None and time_budget is not None:
