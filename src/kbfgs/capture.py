@@ -170,11 +170,12 @@ class Capture:
     _dummy: dict = field(default_factory=dict)
 
     # ------------------------------------------------------------------ the recordings
-    def probe(self, grad_only: bool = False
+    def probe(self, grad_only: bool = False, need_A: bool = False
               ) -> contextlib.AbstractContextManager[dict[str, LayerRecord]]:
-        """Call counts and ``|T|`` only (the first pass of a layer, to initialise its state).
-        ``grad_only``: as in :meth:`kbfgs_pre`."""
-        return self._pass(self._counting_hook, grad_only)
+        """Call counts and ``|T|`` (the first pass of a layer, to initialise its state), and
+        with ``need_A`` the minibatch ``A`` (``rec.A``, the sample mean, as in
+        :meth:`kbfgs_pre`). ``grad_only``: as in :meth:`kbfgs_pre`."""
+        return self._pass(lambda layer, rec: self._counting_hook(layer, rec, need_A), grad_only)
 
     def warm(self) -> contextlib.AbstractContextManager[dict[str, LayerRecord]]:
         """``rec.A = batch * A``: the sum over the batch of ``sum_t a_t a_t^T`` (no gradients)."""
@@ -344,12 +345,22 @@ class Capture:
 
         output.register_hook(grad_hook)
 
-    def _counting_hook(self, layer: KroneckerLayer, rec: LayerRecord) -> _Hook:
+    def _counting_hook(self, layer: KroneckerLayer, rec: LayerRecord,
+                       need_A: bool = False) -> _Hook:
         helper = layer.helper
 
         def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
-            if self._begin_call(helper, rec, inputs[0], output) and output.requires_grad:
+            t0 = time.perf_counter()
+            m = self._begin_call(helper, rec, inputs[0], output)
+            if not m:
+                return
+            if need_A:
+                with no_autocast(output):  # curvature in float32/64
+                    A = helper.A(inputs[0].detach().to(self.dtype_fn(module)))
+                rec.A = merge_mean(rec.A, rec.batch - m, A, m)
+            if output.requires_grad:
                 self._mark_grad(output, rec)
+            self.hook_seconds += time.perf_counter() - t0
 
         return hook
 

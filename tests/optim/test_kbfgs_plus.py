@@ -86,6 +86,7 @@ def test_first_step_is_kbfgs_direction_with_adams_length():
     opt = KBFGSPlus(model, lr=lr, damping=1.0)
     ref = kbfgs.KBFGS(ref_model, lr=1.0, damping=1.0)
     (x, y), = _batches(1)
+    ref.warm_start([x])  # H_A from this minibatch, as kbfgs-plus's first step takes it
     w0 = [p.detach().clone() for p in model.parameters()]
     opt.step(_closure(opt, model, x, y))
     ref.step(_closure(ref, ref_model, x, y))
@@ -147,24 +148,26 @@ def test_runner_hands_beta2_to_the_optimizer():
     assert make_method_optimizer("kbfgs-plus", _net(), {**hps, "beta2": 0.99}).beta2 == 0.99
 
 
-def test_cli_flags_graft_and_nesterov_reach_the_optimizer():
-    """``kbfgs run --graft row --nesterov true`` sets the optimizer's options; a bad value is
-    refused by the parser, naming the flag."""
-    from kbfgs.experiments.cli import _GRAFTS, _overrides, build_parser
-    from kbfgs.optim.kbfgs_plus import GRAFTS
+def test_cli_flags_graft_nesterov_and_init_reach_the_optimizer():
+    """``kbfgs run --graft row --nesterov true --init-H-A identity`` sets the optimizer's
+    options; a bad value is refused by the parser, naming the flag."""
+    from kbfgs.experiments.cli import _GRAFTS, _INITS_H_A, _overrides, build_parser
+    from kbfgs.optim.kbfgs_plus import GRAFTS, INITS_H_A
 
-    assert _GRAFTS == GRAFTS  # the parser's torch-free copy
+    assert (_GRAFTS, _INITS_H_A) == (GRAFTS, INITS_H_A)  # the parser's torch-free copies
     from kbfgs.experiments.problems import get_problem
     from kbfgs.experiments.trainer import make_method_optimizer
 
     args = build_parser().parse_args(["run", "--problem", "curves-ae", "--method", "kbfgs-plus",
-                                      "--graft", "row", "--nesterov", "true"])
+                                      "--graft", "row", "--nesterov", "true",
+                                      "--init-H-A", "identity"])
     over = {k: v for k, v in _overrides(args).items() if v is not None}
-    assert over == {"graft": "row", "nesterov": True}
+    assert over == {"graft": "row", "nesterov": True, "init_H_A": "identity"}
     hps = {**get_problem("curves-ae").defaults("kbfgs-plus"), **over}
     opt = make_method_optimizer("kbfgs-plus", _net(), hps)
-    assert (opt.graft, opt.nesterov) == ("row", True)
-    for flag, value in (("--graft", "column"), ("--nesterov", "maybe")):
+    assert (opt.graft, opt.nesterov, opt.init_H_A) == ("row", True, "identity")
+    assert get_problem("curves-ae").defaults("kbfgs-plus")["init_H_A"] == "minibatch"
+    for flag, value in (("--graft", "column"), ("--nesterov", "maybe"), ("--init-H-A", "eye")):
         with pytest.raises(SystemExit):
             build_parser().parse_args(["run", "--problem", "curves-ae", "--method",
                                        "kbfgs-plus", flag, value])
@@ -212,7 +215,8 @@ def test_closure_free_pair_is_the_difference_of_consecutive_minibatches():
     Dh_bar(W0; B1))``, with ``Dh_bar = m E_n[dL/dh]`` = the bias gradient, by hand."""
     torch.manual_seed(0)
     model = nn.Linear(6, 3).to(DT)
-    opt = KBFGSPlus(model, lr=0.01, update_freq=1, closure_free=True)
+    # identity: step 1 forms the first half of a pair (a first-minibatch H_A would form none)
+    opt = KBFGSPlus(model, lr=0.01, update_freq=1, closure_free=True, init_H_A="identity")
     (x1, y1), (x2, y2) = _batches(2)
 
     def h_and_Dh(W, b, x, y):
@@ -288,12 +292,12 @@ def test_without_closure_free_a_closure_is_still_required():
 
 def test_closure_free_pending_pair_of_the_wrong_shape_is_refused_before_loading():
     model = _net()
-    opt = KBFGSPlus(model, lr=0.01, update_freq=1, closure_free=True)
+    opt = KBFGSPlus(model, lr=0.01, update_freq=1, closure_free=True, init_H_A="identity")
     x, y = _batches(1)[0]
     _plain_step(opt, model, x, y)
     sd = copy.deepcopy(opt.state_dict())
     sd["kronecker"]["pending_pair"]["0"]["h_bar"] = torch.zeros(7, dtype=DT)
-    fresh = KBFGSPlus(_net(), lr=0.01, update_freq=1, closure_free=True)
+    fresh = KBFGSPlus(_net(), lr=0.01, update_freq=1, closure_free=True, init_H_A="identity")
     with pytest.raises(ValueError, match=r"pending_pair.*'0'.*h_bar"):
         fresh.load_state_dict(sd)
     assert fresh.steps == 0 and not fresh.layer_state
@@ -363,6 +367,7 @@ def test_row_graft_first_step_moves_each_row_by_adams_length_along_kbfgs():
     opt = KBFGSPlus(model, lr=lr, damping=1.0, graft="row", eps=1e-15)  # |g|/(|g|+eps) = 1
     ref = kbfgs.KBFGS(ref_model, lr=1.0, damping=1.0)
     (x, y), = _batches(1)
+    ref.warm_start([x])  # H_A from this minibatch, as kbfgs-plus's first step takes it
     w0 = [p.detach().clone() for p in model.parameters()]
     opt.step(_closure(opt, model, x, y))
     ref.step(_closure(ref, ref_model, x, y))
@@ -466,3 +471,81 @@ def test_nesterov_kronecker_step_is_the_grafted_kbfgs_product_of_the_nesterov_mo
     # the graft's norms are summed in float32
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-9)
     assert opt.curvature_updates == 1  # only step 2 updated H_A, H_G
+
+
+# ------------------------------------------------------------------ first-minibatch H_A
+def _conv_net(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Flatten(),
+                         nn.Linear(3 * 4 * 4, 2)).to(DT)
+
+
+def _conv_batch(seed=2, n=5):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, 2, 4, 4, generator=g, dtype=DT),
+            torch.randn(n, 2, generator=g, dtype=DT))
+
+
+def _A_by_hand(model, x):
+    """E_n[sum_t a_t a_t^T] of the conv (3x3 patches by F.unfold, a 1 appended) and of the
+    Linear (its input with a 1), from the minibatch x."""
+    patches = nn.functional.unfold(x, 3, padding=1).transpose(1, 2)  # (n, |T|, 18)
+    a = torch.cat([patches, torch.ones(*patches.shape[:2], 1, dtype=DT)], 2)
+    A_conv = torch.einsum("nti,ntj->ij", a, a) / x.shape[0]
+    h = model[2](model[1](model[0](x))).detach()
+    b = torch.cat([h, torch.ones(h.shape[0], 1, dtype=DT)], 1)
+    return {"0": A_conv, "3": b.T @ b / x.shape[0]}
+
+
+@pytest.mark.parametrize("closure_free", [True, False])
+def test_first_minibatch_sets_H_A(closure_free):
+    """Step 1 sets H_A = (A + lambda_A I)^-1 with A of that minibatch (Algorithm 2 line 3),
+    computed by hand here; with init_H_A="identity" H_A stays I / lambda_A."""
+    x, y = _conv_batch()
+    model = _conv_net()
+    A = _A_by_hand(model, x)
+    opt = KBFGSPlus(model, lr=0.01, damping=0.3, update_freq=2, closure_free=closure_free)
+    plain = KBFGSPlus(_conv_net(), lr=0.01, damping=0.3, update_freq=2, init_H_A="identity")
+    for o, m in ((opt, model), (plain, plain.model)):
+        o.step(_closure(o, m, x, y))
+    for layer in opt.layers:
+        st = opt.layer_state[layer.name]
+        lam_A = opt._lambdas(layer, st.locations)[0]
+        eye = torch.eye(A[layer.name].shape[0], dtype=DT)
+        torch.testing.assert_close(st.H_A, torch.linalg.inv(A[layer.name] + lam_A * eye),
+                                   rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(plain.layer_state[layer.name].H_A, eye / lam_A)
+    assert opt.curvature_updates == 0
+
+
+def test_first_minibatch_of_micro_batches_is_the_whole_batch():
+    """A minibatch back-propagated in two halves before step() gives the whole batch's A."""
+    x, y = _conv_batch(n=6)
+    whole, split = _conv_net(), _conv_net()
+    o1, o2 = KBFGSPlus(whole, lr=0.01), KBFGSPlus(split, lr=0.01)
+    (0.5 * (whole(x) - y).pow(2).sum(1).mean()).backward()
+    o1.step()
+    for sl in (slice(0, 3), slice(3, 6)):
+        (0.5 * (split(x[sl]) - y[sl]).pow(2).sum(1).sum() / 6).backward()
+    o2.step()
+    for name, st in o1.layer_state.items():
+        torch.testing.assert_close(o2.layer_state[name].H_A, st.H_A, rtol=1e-10, atol=1e-12)
+
+
+def test_first_minibatch_init_then_pairs_as_before():
+    """T = 1: step 1 only initialises H_A (no pair); from step 2 on every step forms pairs,
+    and a warm start before the first step replaces the first-minibatch H_A."""
+    model = _net()
+    opt = KBFGSPlus(model, lr=0.01, update_freq=1)
+    for x, y in _batches(4):
+        _plain_step(opt, model, x, y)
+    assert opt.curvature_updates == 2  # the pairs of steps 2-3 and 3-4
+    warm = KBFGSPlus(_net(), lr=0.01, update_freq=3)
+    (x, y), (x2, _) = _batches(2)
+    warm.warm_start([x2])
+    H_A = {n: st.H_A.clone() for n, st in warm.layer_state.items()}
+    _plain_step(warm, warm.model, x, y)
+    for n, st in warm.layer_state.items():
+        assert torch.equal(st.H_A, H_A[n])  # step 1 is not a curvature step: unchanged
+    with pytest.raises(ValueError, match="init_H_A"):
+        KBFGSPlus(_net(), init_H_A="first")

@@ -74,8 +74,10 @@ _NONNEG_INT = number(int, low=0)
 _FRACTION = number(float, low=0.0, high=1.0, low_open=True)
 _MOMENTUM = number(float, low=0.0, high=1.0, high_open=True)
 _LIKELIHOODS = ("bernoulli", "gaussian", "categorical")
-#: KBFGSPlus's GRAFTS, restated so that parsing needs no torch (a test checks they agree)
+#: KBFGSPlus's GRAFTS and INITS_H_A, restated so that parsing needs no torch (a test checks
+#: they agree)
 _GRAFTS = ("layer", "row")
+_INITS_H_A = ("minibatch", "identity")
 
 
 def boolean(text: str) -> bool:
@@ -99,6 +101,8 @@ _HP_FLAGS: tuple[tuple[str, Callable[[str], Any], str], ...] = (
     ("beta2", _MOMENTUM, "kbfgs-plus: decay of Adam's second moment (0.95)"),
     ("graft", str, "kbfgs-plus: Adam's step length per layer or per output row (layer, row)"),
     ("nesterov", boolean, "kbfgs-plus: Nesterov momentum (true or false)"),
+    ("init_H_A", str, "kbfgs-plus: a layer's first H_A from its first minibatch's A, or "
+                      "I / lambda_A (minibatch, identity)"),
     ("stat_freq", _POS_INT, "KFAC: statistics update frequency T1"),
     ("inv_freq", _POS_INT, "KFAC: inverse update frequency T2"),
     ("likelihood", str, "KFAC: bernoulli, gaussian or categorical"),
@@ -148,7 +152,8 @@ def _add_common(p: argparse.ArgumentParser, *, grid: bool) -> None:
                                                    "--problem P`)"))
     for name, typ, text in _HP_FLAGS:
         flag = "--" + name.replace("_", "-")
-        choices = {"likelihood": _LIKELIHOODS, "graft": _GRAFTS}.get(name)
+        choices = {"likelihood": _LIKELIHOODS, "graft": _GRAFTS,
+                   "init_H_A": _INITS_H_A}.get(name)
         if grid and typ is not str:
             hp.add_argument(flag, dest=name, type=typ, nargs="+", default=None, help=text)
         else:

@@ -456,7 +456,7 @@ class KroneckerOptimizer(torch.optim.Optimizer):
         finally:
             for b, saved in buffers:
                 b.copy_(saved)
-        _reduce_warm_start(self.layers, sums, count, locations, self._curvature_dtype,
+        reduce_warm_start(self.layers, sums, count, locations, self._curvature_dtype,
                            distributed.process_group(self.model))
         if not sums:
             raise ValueError("warm_start received no input batches (or no Kronecker layer ran)")
@@ -767,7 +767,7 @@ def check_finite_statistics(stats: dict[str, Tensor], what: str) -> None:
                          "the inputs and the model output; the optimizer state is unchanged")
 
 
-def _reduce_warm_start(layers: list[KroneckerLayer], sums: dict[str, Tensor],
+def reduce_warm_start(layers: list[KroneckerLayer], sums: dict[str, Tensor],
                        count: dict[str, int], locations: dict[str, int],
                        dtype_fn: Callable[[nn.Module], torch.dtype], group: Any) -> None:
     """Sum the warm-start sums ``sum_n sum_t a_t a_t^T`` and sample counts over ``group``, in

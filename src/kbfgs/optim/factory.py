@@ -108,7 +108,8 @@ _METHODS: dict[str, _Method] = {
         "kbfgs-plus (not in the paper): K-BFGS's direction with Adam's per-layer step length "
         "(norm grafting), Adam on the other parameters; lr in Adam's units",
         lambda model, **hp: KBFGSPlus(model, **hp),
-        _KBFGS_HPS + ("history", "beta2", "eps", "graft", "nesterov", "closure_free"),
+        _KBFGS_HPS + ("history", "beta2", "eps", "graft", "nesterov", "init_H_A",
+                      "closure_free"),
         required=()),  # lr, damping: KBFGSPlus's own defaults
     "kfac": _Method(
         "KFAC",

@@ -329,8 +329,10 @@ class KBFGS(KroneckerOptimizer):
         call. A bad value in ``param_groups`` raises ValueError before anything changes."""
         closure = self._require_closure(closure)
         k = self.steps + 1
-        curvature = k % self.update_freq == 0
         first = any(layer.name not in self.layer_state for layer in self.layers)
+        # a layer's first minibatch initialises its H_A (KBFGSPlus) instead of forming a pair
+        minibatch_init = first and self._init_from_minibatch()
+        curvature = k % self.update_freq == 0 and not minibatch_init
         known = set(self.layer_state)
         with self.phases("forward_backward"):
             group = distributed.process_group(self.model) if curvature else None
@@ -340,7 +342,7 @@ class KBFGS(KroneckerOptimizer):
                 ctx = self.capture.kbfgs_pre(self._s_A, need_A=self._needs_explicit_A(),
                                              group=group)
             elif first:
-                ctx = self.capture.probe()
+                ctx = self.capture.probe(need_A=minibatch_init)
             else:
                 ctx = contextlib.nullcontext({})
             with ctx as pre:
@@ -501,6 +503,11 @@ class KBFGS(KroneckerOptimizer):
         assert isinstance(st, LimitedLayerState)
         U, M, gamma = self._lbfgs_factors(layer, st)
         return lambda x: linalg.lbfgs_apply(U, M, gamma, x)
+
+    def _init_from_minibatch(self) -> bool:
+        """Whether a layer seen for the first time takes ``H_A = (A + lambda_A I)^-1`` from
+        that minibatch's ``A`` (K-BFGS: no, ``I / lambda_A`` unless warm-started)."""
+        return False
 
     def _needs_explicit_A(self) -> bool:
         return self.hessian_action in ("moving_average", "exact")

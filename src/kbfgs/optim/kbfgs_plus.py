@@ -51,14 +51,17 @@ from torch import Tensor, nn
 
 from .. import distributed
 from ..capture import KroneckerLayer, LayerRecord, autocast_off, reduce_kbfgs_records
-from .base import momentum_buffers, two_sided_product
+from .base import momentum_buffers, reduce_warm_start, two_sided_product
 from .kbfgs import KBFGS, KBFGSLayerState
 from .validation import check_number, check_param_groups
 
-__all__ = ["GRAFTS", "KBFGSPlus", "adam_direction", "graft", "graft_rows"]
+__all__ = ["GRAFTS", "INITS_H_A", "KBFGSPlus", "adam_direction", "graft", "graft_rows"]
 
 #: the values of ``KBFGSPlus(graft=...)``: Adam's length per layer or per output row
 GRAFTS = ("layer", "row")
+#: the values of ``KBFGSPlus(init_H_A=...)``: a new layer's H_A from its first minibatch's A,
+#: or ``I / lambda_A``
+INITS_H_A = ("minibatch", "identity")
 
 
 def adam_direction(buf: Tensor, exp_avg_sq: Tensor, beta1: float, beta2: float, step: int,
@@ -114,6 +117,11 @@ class KBFGSPlus(KBFGS):
         nesterov: Nesterov momentum (default ``True``): the direction is
             ``H_G (G + momentum BUF) H_A`` and Adam's first moment is the Nesterov one
             (bias-corrected over its ``k + 1`` terms, so step 1 is unchanged).
+        init_H_A: ``"minibatch"`` (default): a layer's H_A starts as ``(A + lambda_A I)^-1``
+            with ``A`` from the first minibatch the layer sees (Algorithm 2 line 3 on that
+            minibatch; one explicit ``A`` per layer, once), so no :meth:`warm_start` pass over
+            the data is needed; ``"identity"``: ``I / lambda_A`` (as K-BFGS without a warm
+            start). A :meth:`warm_start` before the first step replaces either.
     ``momentum`` is Adam's beta1 as well as K-BFGS's momentum. See the module docstring and
     docs/api.md ("kbfgs-plus").
     """
@@ -122,7 +130,7 @@ class KBFGSPlus(KBFGS):
                  momentum: float = 0.9, update_freq: int = 3, weight_decay: float = 0.0,
                  history: int | None = None, *, beta2: float = 0.95, eps: float = 1e-8,
                  closure_free: bool = True, graft: str = "layer", nesterov: bool = True,
-                 **kwargs: Any) -> None:
+                 init_H_A: str = "minibatch", **kwargs: Any) -> None:
         check_number("beta2", beta2, 0.0, high=1.0)
         if not beta2 < 1.0:
             raise ValueError(f"beta2 must be in [0, 1), got {beta2!r}")
@@ -133,6 +141,11 @@ class KBFGSPlus(KBFGS):
             raise ValueError(f"graft must be one of {', '.join(GRAFTS)}, got {graft!r}")
         if not isinstance(nesterov, bool):
             raise TypeError(f"nesterov must be True or False, got {nesterov!r}")
+        if init_H_A not in INITS_H_A:
+            raise ValueError(f"init_H_A must be one of {', '.join(INITS_H_A)}, got {init_H_A!r}")
+        self.init_H_A = init_H_A
+        #: the minibatch A of new layers (the first-minibatch H_A), while a step initialises them
+        self._first_A: dict[str, Tensor] | None = None
         self.graft = graft
         self.nesterov = nesterov
         self.beta2 = float(beta2)
@@ -141,6 +154,8 @@ class KBFGSPlus(KBFGS):
         #: the recording open between steps (closure_free) and what it records
         self._armed: contextlib.ExitStack | None = None
         self._armed_recs: dict[str, LayerRecord] = {}
+        #: the open recording is the probe of a new layer's first minibatch (no pair from it)
+        self._armed_first = False
         #: the first half of an H_G pair (the records of the last curvature step)
         self._pending: dict[str, LayerRecord] | None = None
         super().__init__(model, lr, damping, momentum, update_freq, weight_decay, history,
@@ -162,17 +177,18 @@ class KBFGSPlus(KBFGS):
             with torch.enable_grad():
                 loss = closure()
         k = self.steps + 1
+        first = self._armed_first
         recs = self._disarm()
         if not self._accept(loss):
             self._pending = None
             self._arm()
             return self._skip_step(loss)
         complete = self._complete(recs)
-        curvature = k % self.update_freq == 0
+        curvature = k % self.update_freq == 0 and not first
         with self.phases("curvature"), torch.no_grad(), autocast_off():
             self._unscale_records(complete, {})
             reduce_kbfgs_records(complete, {}, distributed.process_group(self.model))
-            if self._pending is not None:  # lines 19-22 with this pass as the "+" pass
+            if self._pending is not None and not first:  # lines 19-22, this pass the "+" one
                 self._curvature_update(self._pending, complete, H_A=False)
                 self.curvature_updates += 1
             self._pending = None
@@ -202,7 +218,13 @@ class KBFGSPlus(KBFGS):
         ``Dh_bar``), a probe while a layer has no state yet, or none."""
         self._disarm()
         k = self.steps + 1
-        if k % self.update_freq == 0:
+        new = any(layer.name not in self.layer_state for layer in self.layers)
+        if new and self.init_H_A == "minibatch":
+            # a new layer's first minibatch: its A (for H_A), no pair this step
+            ctx: contextlib.AbstractContextManager[dict[str, LayerRecord]] = \
+                self.capture.probe(grad_only=True, need_A=True)
+            self._armed_first = True
+        elif k % self.update_freq == 0:
             # the open recording holds s_A_fn: a weak reference, so that an optimizer dropped
             # by the user is freed at once and its hooks with it
             s_A = weakref.WeakMethod(self._s_A)
@@ -211,13 +233,12 @@ class KBFGSPlus(KBFGS):
                 fn = s_A()
                 return None if fn is None else fn(layer, rec)
 
-            ctx: contextlib.AbstractContextManager[dict[str, LayerRecord]] = \
-                self.capture.kbfgs_pre(s_A_fn, need_A=self._needs_explicit_A(),
-                                       group=distributed.process_group(self.model),
-                                       grad_only=True)
+            ctx = self.capture.kbfgs_pre(s_A_fn, need_A=self._needs_explicit_A(),
+                                         group=distributed.process_group(self.model),
+                                         grad_only=True)
         elif self._pending is not None:
             ctx = self.capture.kbfgs_post(grad_only=True)
-        elif any(layer.name not in self.layer_state for layer in self.layers):
+        elif new:
             ctx = self.capture.probe(grad_only=True)
         else:
             return
@@ -228,11 +249,47 @@ class KBFGSPlus(KBFGS):
     def _disarm(self) -> dict[str, LayerRecord]:
         """Close the open recording (``A s_A`` is formed then) and return its records."""
         stack, recs = self._armed, self._armed_recs
-        self._armed, self._armed_recs = None, {}
+        self._armed, self._armed_recs, self._armed_first = None, {}, False
         if stack is None:
             return {}
         stack.close()
         return recs
+
+    # ------------------------------------------------------------------ first-minibatch H_A
+    def _init_from_minibatch(self) -> bool:
+        return self.init_H_A == "minibatch"
+
+    def _take_step(self, pre: dict[str, LayerRecord], k: int) -> None:
+        """As K-BFGS; a layer seen for the first time (``init_H_A="minibatch"``) takes
+        ``H_A = (A + lambda_A I)^-1`` from this minibatch's ``A``, averaged over the process
+        group of a distributed model as the warm start's sums are."""
+        if not self._init_from_minibatch():
+            return super()._take_step(pre, k)
+        new = [ly for ly in self.layers if ly.name not in self.layer_state]
+        sums: dict[str, Tensor] = {}
+        count: dict[str, int] = {}
+        locations: dict[str, int] = {}
+        for layer in new:
+            rec = pre.get(layer.name)
+            if rec is not None and rec.calls == 1 and rec.A is not None and rec.batch:
+                sums[layer.name] = rec.A * rec.batch
+                count[layer.name] = rec.batch
+                locations[layer.name] = rec.locations
+        if new:
+            with torch.no_grad():
+                reduce_warm_start(self.layers, sums, count, locations, self._curvature_dtype,
+                                  distributed.process_group(self.model))
+        self._first_A = {n: A / count[n] for n, A in sums.items()}
+        try:
+            super()._take_step(pre, k)
+        finally:
+            self._first_A = None
+
+    def _init_layer(self, layer: KroneckerLayer, locations: int,
+                    A0: Tensor | None = None) -> KBFGSLayerState:
+        if A0 is None and self._first_A is not None:
+            A0 = self._first_A.get(layer.name)
+        return super()._init_layer(layer, locations, A0)
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
