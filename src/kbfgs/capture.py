@@ -170,12 +170,24 @@ class Capture:
     _dummy: dict = field(default_factory=dict)
 
     # ------------------------------------------------------------------ the recordings
+    @contextlib.contextmanager
     def probe(self, grad_only: bool = False, need_A: bool = False
-              ) -> contextlib.AbstractContextManager[dict[str, LayerRecord]]:
+              ) -> Iterator[dict[str, LayerRecord]]:
         """Call counts and ``|T|`` (the first pass of a layer, to initialise its state), and
-        with ``need_A`` the minibatch ``A`` (``rec.A``, the sample mean, as in
-        :meth:`kbfgs_pre`). ``grad_only``: as in :meth:`kbfgs_pre`."""
-        return self._pass(lambda layer, rec: self._counting_hook(layer, rec, need_A), grad_only)
+        with ``need_A`` the minibatch ``A`` (``rec.A``, the sample mean over the micro-batches),
+        formed when the block ends from the inputs the hooks kept (as :meth:`kbfgs_pre` forms
+        ``A s_A``: no curvature work inside a compiled model). ``grad_only``: as in
+        :meth:`kbfgs_pre`."""
+        with self._pass(lambda layer, rec: self._counting_hook(layer, rec, need_A),
+                        grad_only) as recs:
+            try:
+                yield recs
+                if need_A:
+                    self._finish_A(recs)
+            finally:
+                for r in recs.values():
+                    r.inputs = []
+                    r.A_fold = None
 
     def warm(self) -> contextlib.AbstractContextManager[dict[str, LayerRecord]]:
         """``rec.A = batch * A``: the sum over the batch of ``sum_t a_t a_t^T`` (no gradients)."""
@@ -350,19 +362,16 @@ class Capture:
         helper = layer.helper
 
         def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
-            t0 = time.perf_counter()
             m = self._begin_call(helper, rec, inputs[0], output)
-            if not m:
-                return
-            if need_A:
-                with no_autocast(output):  # curvature in float32/64
-                    A = helper.A(inputs[0].detach().to(self.dtype_fn(module)))
-                rec.A = merge_mean(rec.A, rec.batch - m, A, m)
-            if output.requires_grad:
+            if m and need_A:  # kept; A is formed when the recording ends
+                self._keep_input(helper, rec, inputs[0].detach(), rec.batch - m,
+                                 self.dtype_fn(module))
+            if m and output.requires_grad:
                 self._mark_grad(output, rec)
-            self.hook_seconds += time.perf_counter() - t0
 
-        return hook
+        # a layer's first minibatch, once: run eagerly inside a compiled model (traced, the
+        # kept inputs would recompile the hook for every layer shape and dtype)
+        return torch.compiler.disable(hook) if need_A else hook
 
     def _warm_hook(self, layer: KroneckerLayer, rec: LayerRecord) -> _Hook:
         helper = layer.helper
@@ -533,6 +542,25 @@ class Capture:
                         n += mx
             rec.A_fold = None
             del inputs
+        self.hook_seconds += time.perf_counter() - t0
+
+    def _finish_A(self, records: dict[str, LayerRecord]) -> None:
+        """At the end of :meth:`probe` with ``need_A``: ``rec.A`` from the kept inputs (or the
+        folded ``A``) of every recorded layer; the inputs are dropped."""
+        t0 = time.perf_counter()
+        with autocast_off():  # ``step`` may run inside an autocast region
+            for layer in self.layers:
+                rec = records[layer.name]
+                inputs, rec.inputs = rec.inputs, []
+                if rec.A_fold is not None:
+                    rec.A = rec.A_fold
+                dtype, n = self.dtype_fn(layer.module), 0
+                for x in inputs:
+                    mx = layer.helper.batch_size(x)
+                    rec.A = merge_mean(rec.A, n, layer.helper.A(x.to(dtype)), mx)
+                    n += mx
+                rec.A_fold = None
+                del inputs
         self.hook_seconds += time.perf_counter() - t0
 
     def _dummy_scalar(self, like: Tensor) -> Tensor:
