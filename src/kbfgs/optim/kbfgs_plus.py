@@ -37,6 +37,11 @@ it); they record only calls made with gradients enabled, so evaluation under
 ``torch.no_grad()`` in between is ignored. A recorded forward pass whose backward did not run
 before ``step()`` (a forward with gradients enabled whose loss was never back-propagated) gives
 no pair for that step (warned once).
+
+**H_A from the first minibatch** (``init_H_A="minibatch"``): Algorithm 2 line 3 sets
+``H_A = (A + lambda_A I)^-1`` with ``A`` from data; here ``A`` is the first minibatch's, formed
+once per layer on the first step the layer takes part in (no pair is formed on that step), so
+no warm-start pass over the training set is needed (docs/api.md, "kbfgs-plus").
 """
 
 from __future__ import annotations
