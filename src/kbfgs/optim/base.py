@@ -457,7 +457,7 @@ class KroneckerOptimizer(torch.optim.Optimizer):
             for b, saved in buffers:
                 b.copy_(saved)
         reduce_warm_start(self.layers, sums, count, locations, self._curvature_dtype,
-                           distributed.process_group(self.model))
+                          distributed.process_group(self.model))
         if not sums:
             raise ValueError("warm_start received no input batches (or no Kronecker layer ran)")
         A0 = {name: A / count[name] for name, A in sums.items()}
@@ -768,8 +768,8 @@ def check_finite_statistics(stats: dict[str, Tensor], what: str) -> None:
 
 
 def reduce_warm_start(layers: list[KroneckerLayer], sums: dict[str, Tensor],
-                       count: dict[str, int], locations: dict[str, int],
-                       dtype_fn: Callable[[nn.Module], torch.dtype], group: Any) -> None:
+                      count: dict[str, int], locations: dict[str, int],
+                      dtype_fn: Callable[[nn.Module], torch.dtype], group: Any) -> None:
     """Sum the warm-start sums ``sum_n sum_t a_t a_t^T`` and sample counts over ``group``, in
     place (``sums``, ``count``, ``locations`` are updated; one flat all-reduce). A rank without
     data for a layer contributes zeros, so every rank passes the same layout. No-op without a
