@@ -224,7 +224,7 @@ class KBFGSPlus(KBFGS):
         self._disarm()
         k = self.steps + 1
         new = any(layer.name not in self.layer_state for layer in self.layers)
-        if new and self.init_H_A == "minibatch":
+        if new and self._init_from_minibatch():
             # a new layer's first minibatch: its A (for H_A), no pair this step
             ctx: contextlib.AbstractContextManager[dict[str, LayerRecord]] = \
                 self.capture.probe(grad_only=True, need_A=True)
