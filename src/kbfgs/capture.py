@@ -426,6 +426,12 @@ class Capture:
         cols = helper.dims()[1]
         if len(rec.inputs) == 1 or sum(t.numel() for t in rec.inputs) <= cols * cols:
             return
+        Capture._fold_inputs(helper, rec, dtype)
+
+    @staticmethod
+    def _fold_inputs(helper: KroneckerHelper, rec: LayerRecord, dtype: torch.dtype) -> None:
+        """Fold the kept inputs (none folded before) into ``rec.A_fold``, the sample mean of
+        their ``A`` (exact, one micro-batch at a time); the inputs are dropped."""
         n = 0
         for t in rec.inputs:
             mt = helper.batch_size(t)
@@ -551,16 +557,8 @@ class Capture:
         with autocast_off():  # ``step`` may run inside an autocast region
             for layer in self.layers:
                 rec = records[layer.name]
-                inputs, rec.inputs = rec.inputs, []
-                if rec.A_fold is not None:
-                    rec.A = rec.A_fold
-                dtype, n = self.dtype_fn(layer.module), 0
-                for x in inputs:
-                    mx = layer.helper.batch_size(x)
-                    rec.A = merge_mean(rec.A, n, layer.helper.A(x.to(dtype)), mx)
-                    n += mx
-                rec.A_fold = None
-                del inputs
+                self._fold_inputs(layer.helper, rec, self.dtype_fn(layer.module))
+                rec.A, rec.A_fold = rec.A_fold, None
         self.hook_seconds += time.perf_counter() - t0
 
     def _dummy_scalar(self, like: Tensor) -> Tensor:

@@ -547,5 +547,11 @@ def test_first_minibatch_init_then_pairs_as_before():
     _plain_step(warm, warm.model, x, y)
     for n, st in warm.layer_state.items():
         assert torch.equal(st.H_A, H_A[n])  # step 1 is not a curvature step: unchanged
+    # T = 1 after a warm start: step 1 is a curvature step, so steps 1-2 form a pair
+    warm1 = KBFGSPlus(_net(), lr=0.01, update_freq=1)
+    warm1.warm_start([x2])
+    for x, y in _batches(2):
+        _plain_step(warm1, warm1.model, x, y)
+    assert all(float(st.s_G.abs().sum()) > 0 for st in warm1.layer_state.values())
     with pytest.raises(ValueError, match="init_H_A"):
         KBFGSPlus(_net(), init_H_A="first")

@@ -331,7 +331,7 @@ class KBFGS(KroneckerOptimizer):
         k = self.steps + 1
         first = any(layer.name not in self.layer_state for layer in self.layers)
         # a layer's first minibatch initialises its H_A (KBFGSPlus) instead of forming a pair
-        minibatch_init = first and self._init_from_minibatch()
+        minibatch_init = self._first_minibatch_due()
         curvature = k % self.update_freq == 0 and not minibatch_init
         known = set(self.layer_state)
         with self.phases("forward_backward"):
@@ -508,6 +508,12 @@ class KBFGS(KroneckerOptimizer):
         """Whether a layer seen for the first time takes ``H_A = (A + lambda_A I)^-1`` from
         that minibatch's ``A`` (K-BFGS: no, ``I / lambda_A`` unless warm-started)."""
         return False
+
+    def _first_minibatch_due(self) -> bool:
+        """Whether the next pass sets the H_A of layers without state from its minibatch (and
+        forms no curvature pair)."""
+        return self._init_from_minibatch() and any(
+            layer.name not in self.layer_state for layer in self.layers)
 
     def _needs_explicit_A(self) -> bool:
         return self.hessian_action in ("moving_average", "exact")

@@ -159,8 +159,6 @@ class KBFGSPlus(KBFGS):
         #: the recording open between steps (closure_free) and what it records
         self._armed: contextlib.ExitStack | None = None
         self._armed_recs: dict[str, LayerRecord] = {}
-        #: the open recording is the probe of a new layer's first minibatch (no pair from it)
-        self._armed_first = False
         #: the first half of an H_G pair (the records of the last curvature step)
         self._pending: dict[str, LayerRecord] | None = None
         super().__init__(model, lr, damping, momentum, update_freq, weight_decay, history,
@@ -182,7 +180,7 @@ class KBFGSPlus(KBFGS):
             with torch.enable_grad():
                 loss = closure()
         k = self.steps + 1
-        first = self._armed_first
+        first = self._first_minibatch_due()  # the open recording is that probe (_arm)
         recs = self._disarm()
         if not self._accept(loss):
             self._pending = None
@@ -224,11 +222,10 @@ class KBFGSPlus(KBFGS):
         self._disarm()
         k = self.steps + 1
         new = any(layer.name not in self.layer_state for layer in self.layers)
-        if new and self._init_from_minibatch():
+        if self._first_minibatch_due():
             # a new layer's first minibatch: its A (for H_A), no pair this step
             ctx: contextlib.AbstractContextManager[dict[str, LayerRecord]] = \
                 self.capture.probe(grad_only=True, need_A=True)
-            self._armed_first = True
         elif k % self.update_freq == 0:
             # the open recording holds s_A_fn: a weak reference, so that an optimizer dropped
             # by the user is freed at once and its hooks with it
@@ -254,13 +251,18 @@ class KBFGSPlus(KBFGS):
     def _disarm(self) -> dict[str, LayerRecord]:
         """Close the open recording (``A s_A`` is formed then) and return its records."""
         stack, recs = self._armed, self._armed_recs
-        self._armed, self._armed_recs, self._armed_first = None, {}, False
+        self._armed, self._armed_recs = None, {}
         if stack is None:
             return {}
         stack.close()
         return recs
 
     # ------------------------------------------------------------------ first-minibatch H_A
+    def warm_start(self, inputs: Any) -> None:
+        super().warm_start(inputs)
+        if self.closure_free:
+            self._arm()  # the layers have state now: the recording of their next pass changes
+
     def _init_from_minibatch(self) -> bool:
         return self.init_H_A == "minibatch"
 
@@ -268,9 +270,9 @@ class KBFGSPlus(KBFGS):
         """As K-BFGS; a layer seen for the first time (``init_H_A="minibatch"``) takes
         ``H_A = (A + lambda_A I)^-1`` from this minibatch's ``A``, averaged over the process
         group of a distributed model as the warm start's sums are."""
-        if not self._init_from_minibatch():
-            return super()._take_step(pre, k)
         new = [ly for ly in self.layers if ly.name not in self.layer_state]
+        if not (new and self._init_from_minibatch()):
+            return super()._take_step(pre, k)
         sums: dict[str, Tensor] = {}
         count: dict[str, int] = {}
         locations: dict[str, int] = {}
@@ -280,10 +282,9 @@ class KBFGSPlus(KBFGS):
                 sums[layer.name] = rec.A * rec.batch
                 count[layer.name] = rec.batch
                 locations[layer.name] = rec.locations
-        if new:
-            with torch.no_grad():
-                reduce_warm_start(self.layers, sums, count, locations, self._curvature_dtype,
-                                  distributed.process_group(self.model))
+        with torch.no_grad():
+            reduce_warm_start(self.layers, sums, count, locations, self._curvature_dtype,
+                              distributed.process_group(self.model))
         self._first_A = {n: A / count[n] for n, A in sums.items()}
         try:
             super()._take_step(pre, k)
