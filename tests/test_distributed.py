@@ -78,6 +78,15 @@ def _model(kind: str, ghost: int = 0) -> nn.Module:
         m = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), bn,
                           nn.Conv2d(3, 4, 3, stride=2), nn.Tanh(),
                           nn.Flatten(), nn.Linear(4 * 3 * 3, 3))
+    elif kind == "cnn_bn_direct":
+        # a conv directly followed by BatchNorm: its H_G pairs are rounding noise, which
+        # kbfgs-plus with fisher_G replaces by the Fisher left factor
+        bn = nn.BatchNorm2d(3)
+        if ghost:
+            bn = GhostBN(bn, ghost)
+        m = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), bn, nn.Tanh(),
+                          nn.Conv2d(3, 4, 3, stride=2), nn.Tanh(),
+                          nn.Flatten(), nn.Linear(4 * 3 * 3, 3))
     else:
         raise ValueError(kind)
     return m.double()
@@ -117,7 +126,12 @@ SCENARIOS: dict[str, dict] = {
     # kbfgs-plus without the extra pass: the "+" records come from the next step's pass
     "cnn-plus-nc-T2": {"model": "cnn", "opt": "kbfgs-plus",
                        "hp": {"update_freq": 2, "closure_free": True}},
+    # the Fisher left factor of a BatchNorm-fed conv: Gamma averaged over the ranks
+    "cnnbn-plus-fisher-T1": {"model": "cnn_bn_direct", "opt": "kbfgs-plus",
+                             "hp": {"update_freq": 1, "closure_free": False, "fisher_G": True}},
 }
+#: the scenarios with BatchNorm, whose DDP result is per-shard BatchNorm in one process
+_BN_SCENARIOS = ("cnnbn-kbfgs-T1", "cnnbn-plus-fisher-T1")
 
 
 def _optimizer(sc: dict, model: nn.Module):
@@ -463,7 +477,7 @@ def two_ranks(tmp_path_factory):
             "results": [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]}
 
 
-@pytest.mark.parametrize("name", [n for n in SCENARIOS if n != "cnnbn-kbfgs-T1"])
+@pytest.mark.parametrize("name", [n for n in SCENARIOS if n not in _BN_SCENARIOS])
 def test_two_ranks_equal_one_process(two_ranks, monkeypatch, name):
     monkeypatch.setattr(kfac_mod, "sample_targets", _deterministic_targets)
     ref, ref_opt = _reference(name)
@@ -485,6 +499,20 @@ def test_batchnorm_under_ddp_is_per_shard_batchnorm(two_ranks):
     full, _ = _reference(name)
     assert _rel(got, ghost) <= 1e-10, _rel(got, ghost)
     assert _rel(got, full) > 1e-6
+
+
+def test_fisher_G_under_ddp_is_the_one_process_result(two_ranks):
+    """kbfgs-plus with fisher_G: the Gamma of the BatchNorm-fed conv is averaged over the
+    ranks, so two ranks equal one process with per-shard BatchNorm, and the conv's step used
+    the Fisher factor."""
+    name = "cnnbn-plus-fisher-T1"
+    r0, r1 = (res[name] for res in two_ranks["results"])
+    assert torch.equal(r0["params"], r1["params"]), "ranks disagree"
+    ref, ref_opt = _reference(name, ghost=WORLD)
+    assert _rel(r0["params"], ref) <= 1e-10, _rel(r0["params"], ref)
+    layers = ref_opt.stats()["layers"]
+    assert layers["0"]["fisher_G"] and not layers["3"]["fisher_G"]
+    assert r0["skipped"] == 0 and r0["updates"] == ref_opt.curvature_updates > 0
 
 
 def test_extra_pass_does_not_all_reduce_gradients(two_ranks):

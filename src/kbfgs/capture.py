@@ -139,18 +139,18 @@ def reduce_kbfgs_records(pre: dict[str, LayerRecord], post: dict[str, LayerRecor
                          group: Any) -> int:
     """Average the vectors of a K-BFGS curvature update over ``group`` with one flat all-reduce
     (per dtype): ``A s_A``, ``h_bar``, ``Dh_bar``, ``Dh_scale`` (and the explicit ``A`` of the
-    2020 variants) of the pass before the step, ``h_bar+``, ``Dh_bar+``, ``Dh_scale`` of the
-    extra pass (every rank then takes the same rounding-level decision). ``a_bar`` and
-    ``s_A`` are already global (:meth:`Capture.kbfgs_pre`). Returns the number of collectives
-    (0 without a group)."""
+    2020 variants, Gamma ``G`` of :attr:`Capture.gram` layers) of the pass before the step,
+    ``h_bar+``, ``Dh_bar+``, ``Dh_scale`` (and ``G``) of the extra pass (every rank then takes
+    the same rounding-level decision). ``a_bar`` and ``s_A`` are already global
+    (:meth:`Capture.kbfgs_pre`). Returns the number of collectives (0 without a group)."""
     if group is None:
         return 0
     tensors: list[Tensor | None] = []
     for name, r0 in pre.items():
-        tensors += [r0.A_s, r0.h_bar, r0.Dh_bar, r0.Dh_scale, r0.A]
+        tensors += [r0.A_s, r0.h_bar, r0.Dh_bar, r0.Dh_scale, r0.A, r0.G]
         r1 = post.get(name)
         if r1 is not None:
-            tensors += [r1.h_bar, r1.Dh_bar, r1.Dh_scale]
+            tensors += [r1.h_bar, r1.Dh_bar, r1.Dh_scale, r1.G]
     return distributed.all_reduce_flat(tensors, group)
 
 
@@ -167,6 +167,10 @@ class Capture:
     reduction: str = "mean"
     root: nn.Module | None = None
     hook_seconds: float = 0.0
+    #: names of the layers whose K-BFGS passes (:meth:`kbfgs_pre`, :meth:`kbfgs_post`) also
+    #: record ``rec.G``, KFAC's Gamma ``E[Dh Dh^T]`` of the output gradients (kbfgs-plus with
+    #: ``fisher_G``)
+    gram: set[str] = field(default_factory=set)
     _dummy: dict = field(default_factory=dict)
 
     # ------------------------------------------------------------------ the recordings
@@ -409,7 +413,7 @@ class Capture:
                 del xd
                 rec.h_bar = merge_mean(rec.h_bar, n0, helper.h_bar(output.detach().to(dtype)), m)
             if output.requires_grad:
-                self._on_grad(output, rec, helper, dtype, m)
+                self._on_grad(output, rec, helper, dtype, m, layer.name in self.gram)
             self.hook_seconds += time.perf_counter() - t0
 
         return hook
@@ -458,16 +462,16 @@ class Capture:
                 output = output + self._dummy_scalar(output)
                 result = output
             if output.requires_grad:
-                self._on_grad(output, rec, helper, dtype, m)
+                self._on_grad(output, rec, helper, dtype, m, layer.name in self.gram)
             self.hook_seconds += time.perf_counter() - t0
             return result
 
         return hook
 
     def _on_grad(self, output: Tensor, rec: LayerRecord, helper: KroneckerHelper,
-                 dtype: torch.dtype, batch: int) -> None:
-        """``rec.Dh_bar`` and ``rec.Dh_scale`` from the output's gradient (``batch`` samples),
-        merged with those of the earlier micro-batches."""
+                 dtype: torch.dtype, batch: int, gram: bool = False) -> None:
+        """``rec.Dh_bar`` and ``rec.Dh_scale`` (with ``gram`` also ``rec.G``) from the output's
+        gradient (``batch`` samples), merged with those of the earlier micro-batches."""
         reduction = self.reduction
 
         def grad_hook(g: Tensor) -> None:
@@ -480,9 +484,12 @@ class Capture:
                 per = gd.numel() // Dh.numel()  # batch * |T|
                 scale = torch.linalg.vector_norm(gd, 1) * (
                     batch / per if reduction == "mean" else 1.0 / per)
+                G = helper.G(gd, batch, reduction) if gram else None
             n0 = rec.grad_batch
             rec.Dh_bar = merge_output_grad(rec.Dh_bar, n0, Dh, batch, reduction)
             rec.Dh_scale = merge_output_grad(rec.Dh_scale, n0, scale, batch, reduction)
+            if G is not None:
+                rec.G = merge_output_grad(rec.G, n0, G, batch, reduction, gram=True)
             rec.grad_batch = n0 + batch
             self.hook_seconds += time.perf_counter() - t1
 

@@ -12,7 +12,14 @@ import torch
 from torch import nn
 
 import kbfgs
-from kbfgs.optim.kbfgs_plus import KBFGSPlus, adam_direction, graft, graft_rows
+from kbfgs.optim.kbfgs_plus import (
+    KBFGSPlus,
+    adam_direction,
+    average_Gamma,
+    fisher_left_factor,
+    graft,
+    graft_rows,
+)
 
 DT = torch.float64
 
@@ -160,14 +167,16 @@ def test_cli_flags_graft_nesterov_and_init_reach_the_optimizer():
 
     args = build_parser().parse_args(["run", "--problem", "curves-ae", "--method", "kbfgs-plus",
                                       "--graft", "row", "--nesterov", "true",
-                                      "--init-H-A", "identity"])
+                                      "--init-H-A", "identity", "--fisher-G", "yes"])
     over = {k: v for k, v in _overrides(args).items() if v is not None}
-    assert over == {"graft": "row", "nesterov": True, "init_H_A": "identity"}
+    assert over == {"graft": "row", "nesterov": True, "init_H_A": "identity", "fisher_G": True}
     hps = {**get_problem("curves-ae").defaults("kbfgs-plus"), **over}
     opt = make_method_optimizer("kbfgs-plus", _net(), hps)
-    assert (opt.graft, opt.nesterov, opt.init_H_A) == ("row", True, "identity")
+    assert (opt.graft, opt.nesterov, opt.init_H_A, opt.fisher_G) == ("row", True, "identity",
+                                                                     True)
     assert get_problem("curves-ae").defaults("kbfgs-plus")["init_H_A"] == "minibatch"
-    for flag, value in (("--graft", "column"), ("--nesterov", "maybe"), ("--init-H-A", "eye")):
+    for flag, value in (("--graft", "column"), ("--nesterov", "maybe"), ("--init-H-A", "eye"),
+                        ("--fisher-G", "fisher")):
         with pytest.raises(SystemExit):
             build_parser().parse_args(["run", "--problem", "curves-ae", "--method",
                                        "kbfgs-plus", flag, value])
@@ -555,3 +564,132 @@ def test_first_minibatch_init_then_pairs_as_before():
     assert all(float(st.s_G.abs().sum()) > 0 for st in warm1.layer_state.values())
     with pytest.raises(ValueError, match="init_H_A"):
         KBFGSPlus(_net(), init_H_A="first")
+
+
+# ------------------------------------------------------------------ fisher_G
+def test_fisher_left_factor_is_the_damped_inverse_square_root():
+    """``F = (I + Gamma / delta)^-1/2``, ``delta`` 1% of the mean eigenvalue: ``F`` symmetric
+    with ``F (I + Gamma / delta) F = I``; a rank-deficient Gamma (and one with a negative
+    rounding eigenvalue) is damped, a zero Gamma gives I."""
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(5, 3, generator=g, dtype=DT)
+    for Gamma in (X @ X.T, X @ X.T - 1e-14 * torch.eye(5, dtype=DT)):  # rank 3
+        F = fisher_left_factor(Gamma)
+        delta = 0.01 * torch.trace(Gamma) / 5
+        torch.testing.assert_close(F, F.T)
+        torch.testing.assert_close(F @ (torch.eye(5, dtype=DT) + Gamma / delta) @ F,
+                                   torch.eye(5, dtype=DT), rtol=0, atol=1e-9)
+        assert float(torch.linalg.eigvalsh(F).min()) > 0
+    torch.testing.assert_close(fisher_left_factor(torch.zeros(4, 4)), torch.eye(4))
+    assert fisher_left_factor(X @ X.T).dtype == DT
+
+
+def test_average_Gamma_starts_from_zero_and_keeps_a_non_finite_update_out():
+    G = torch.tensor([[2.0, 1.0], [1.0, 4.0]], dtype=DT)
+    first = average_Gamma(None, G, 0.9)
+    torch.testing.assert_close(first, 0.1 * G)
+    torch.testing.assert_close(average_Gamma(first, 2 * G, 0.9), 0.09 * G + 0.2 * G)
+    bad = G.clone()
+    bad[0, 1] = float("nan")
+    assert torch.equal(average_Gamma(first, bad, 0.9), first)
+
+
+def _bn_net(seed=0):
+    """A conv feeding BatchNorm (its Dh_bar is 0 in exact arithmetic), then a Linear."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.Tanh(),
+                         nn.Flatten(), nn.Linear(3 * 4 * 4, 2)).to(DT)
+
+
+def _conv_W(conv):
+    return torch.cat([conv.weight.detach().reshape(conv.out_channels, -1),
+                      conv.bias.detach().unsqueeze(1)], 1).clone()
+
+
+def test_fisher_G_averages_kfacs_Gamma_and_replaces_H_G_of_the_batchnorm_fed_conv():
+    """T = 1 without a closure: step 1 sets H_A, steps 2-3 form the conv's first pair, at
+    rounding level (the conv joins the Fisher layers), steps 4-5 the first pair whose passes
+    record Gamma, so Gamma = (1 - beta) (G_4 + G_5) / 2 with ``G_k = m / |T| sum g g^T`` of
+    the conv output's gradient ``g`` in step k's pass (by hand here). Step 6 then moves the
+    conv along ``F (G + b1 BUF) H_A`` with ``F`` the Fisher factor of that Gamma; the Linear
+    keeps its H_G, and a model without such a layer is not changed by the option.
+    (Step 6's pass also completes the pair of step 5, so its Gamma includes G_5 and G_6.)"""
+    model = _bn_net()
+    opt = KBFGSPlus(model, lr=0.01, damping=0.3, update_freq=1, fisher_G=True)
+    conv = model[0]
+    grads: list[torch.Tensor] = []
+
+    def keep_grad(module, inputs, out):
+        out.register_hook(grads.append)
+
+    conv.register_forward_hook(keep_grad)
+    g = torch.Generator().manual_seed(4)
+    data = [(torch.randn(6, 2, 4, 4, generator=g, dtype=DT),
+             torch.randn(6, 2, generator=g, dtype=DT)) for _ in range(6)]
+    for x, y in data[:5]:
+        _plain_step(opt, model, x, y)
+    assert opt.capture.gram == {"0"}
+    assert opt.stats()["layers"]["0"]["fisher_G"] and not opt.stats()["layers"]["4"]["fisher_G"]
+
+    def G_by_hand(gr):
+        gf = gr.permute(0, 2, 3, 1).reshape(-1, 3)
+        return 6 / 16 * gf.T @ gf
+
+    st = opt.layer_state["0"]
+    expected = (1 - opt.beta) * 0.5 * (G_by_hand(grads[3]) + G_by_hand(grads[4]))
+    torch.testing.assert_close(st.Gamma, expected, rtol=1e-12, atol=1e-15)
+    buf, H_A, W = st.buf.clone(), st.H_A.clone(), _conv_W(conv)
+    x, y = data[5]
+    _plain_step(opt, model, x, y)
+    # step 6's pass completes the pair of step 5 before the step is taken
+    expected = opt.beta * expected + (1 - opt.beta) * 0.5 * (G_by_hand(grads[4])
+                                                             + G_by_hand(grads[5]))
+    torch.testing.assert_close(st.Gamma, expected, rtol=1e-12, atol=1e-15)
+    F = fisher_left_factor(expected)
+    G = torch.cat([conv.weight.grad.reshape(3, -1), conv.bias.grad.unsqueeze(1)], 1)
+    P = F @ (G + 0.9 * (0.9 * buf + G)) @ H_A
+    step = W - _conv_W(conv)
+    torch.testing.assert_close(step / step.norm(), P / P.norm(), rtol=1e-6, atol=1e-9)
+    # without the Fisher factor the step would be along (G + b1 BUF) H_A (H_G = I / lambda_G)
+    plain = (G + 0.9 * (0.9 * buf + G)) @ H_A
+    assert float((step / step.norm() - plain / plain.norm()).norm()) > 1e-2
+    # a model whose layers all learn an H_G: the option changes nothing
+    runs = []
+    for fisher in (False, True):
+        m = _net()
+        o = KBFGSPlus(m, lr=0.01, update_freq=1, fisher_G=fisher)
+        for xb, yb in _batches(6):
+            _plain_step(o, m, xb, yb)
+        assert o.capture.gram == set()
+        runs.append([p.detach().clone() for p in m.parameters()])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_fisher_G_resume_is_bit_identical():
+    """Gamma and the Gamma of a pending pair are saved: a run resumed between a curvature step
+    and its "+" iteration continues exactly."""
+    g = torch.Generator().manual_seed(5)
+    data = [(torch.randn(6, 2, 4, 4, generator=g, dtype=DT),
+             torch.randn(6, 2, generator=g, dtype=DT)) for _ in range(12)]
+    model = _bn_net()
+    opt = KBFGSPlus(model, lr=0.01, update_freq=2, fisher_G=True)
+    for x, y in data[:8]:  # step 8 is a curvature step: its pair waits for step 9
+        _plain_step(opt, model, x, y)
+    saved_model = copy.deepcopy(model.state_dict())
+    saved = copy.deepcopy(opt.state_dict())
+    assert "Gamma" in saved["kronecker"]["layers"]["0"]
+    assert "G" in saved["kronecker"]["pending_pair"]["0"]
+    for x, y in data[8:]:
+        _plain_step(opt, model, x, y)
+    model2 = _bn_net(seed=5)
+    model2.load_state_dict(saved_model)
+    opt2 = KBFGSPlus(model2, lr=0.01, update_freq=2, fisher_G=True)
+    opt2.load_state_dict(saved)
+    assert opt2.capture.gram == {"0"}
+    for x, y in data[8:]:
+        _plain_step(opt2, model2, x, y)
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
+    with pytest.raises(TypeError, match="fisher_G"):
+        KBFGSPlus(_net(), fisher_G="yes")

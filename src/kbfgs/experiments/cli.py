@@ -103,6 +103,9 @@ _HP_FLAGS: tuple[tuple[str, Callable[[str], Any], str], ...] = (
     ("nesterov", boolean, "kbfgs-plus: Nesterov momentum (true or false)"),
     ("init_H_A", str, "kbfgs-plus: a layer's first H_A from its first minibatch's A, or "
                       "I / lambda_A (minibatch, identity)"),
+    ("fisher_G", boolean, "kbfgs-plus: layers whose H_G pairs are at rounding level (convs "
+                          "feeding BatchNorm) take the left factor (Gamma + delta I)^-1/2 "
+                          "(true or false)"),
     ("stat_freq", _POS_INT, "KFAC: statistics update frequency T1"),
     ("inv_freq", _POS_INT, "KFAC: inverse update frequency T2"),
     ("likelihood", str, "KFAC: bernoulli, gaussian or categorical"),

@@ -76,7 +76,7 @@ class RunnerMethod:
 
 
 _KRON = ("lr", "damping", "weight_decay", "momentum", "update_freq")
-_PLUS = _KRON + ("beta2", "graft", "nesterov", "init_H_A", "closure_free")
+_PLUS = _KRON + ("beta2", "graft", "nesterov", "init_H_A", "fisher_G", "closure_free")
 _KFAC = ("lr", "damping", "weight_decay", "momentum", "stat_freq", "inv_freq", "likelihood")
 
 #: The runner's methods, in the tables' order (Table 3, and Table 7 for the ablation

@@ -109,7 +109,7 @@ _METHODS: dict[str, _Method] = {
         "(norm grafting), Adam on the other parameters; lr in Adam's units",
         lambda model, **hp: KBFGSPlus(model, **hp),
         _KBFGS_HPS + ("history", "beta2", "eps", "graft", "nesterov", "init_H_A",
-                      "closure_free"),
+                      "fisher_G", "closure_free"),
         required=()),  # lr, damping: KBFGSPlus's own defaults
     "kfac": _Method(
         "KFAC",

@@ -170,9 +170,15 @@ class KBFGSLayerState:
     #: moving average (line 19's beta) of the scale of ``Dh`` (``E_n[mean_t |Dh_t|]`` summed
     #: over the outputs, both passes): what ``y_G`` is compared with
     Dh_scale: Tensor | None = None
+    #: kbfgs-plus with ``fisher_G`` only: moving average (line 19's beta) of KFAC's
+    #: ``Gamma = E[Dh Dh^T]`` over both passes of each H_G pair of a layer whose pairs are at
+    #: rounding level, ``(rows, rows)``
+    Gamma: Tensor | None = None
+    #: the left factor that then replaces H_G, ``(I + Gamma / delta)^-1/2`` (not saved)
+    H_G_fisher: Tensor | None = None
 
     #: fields not saved by :meth:`to_state_dict`
-    _transient: ClassVar[tuple[str, ...]] = ()
+    _transient: ClassVar[tuple[str, ...]] = ("H_G_fisher",)
 
     def to_state_dict(self) -> dict[str, Any]:
         """The saved form: ``{field: value}`` without ``None`` and cached fields."""
@@ -184,7 +190,7 @@ class KBFGSLayerState:
         """The shape of each tensor field for a layer whose ``W`` is ``rows x cols``."""
         return {"buf": (rows, cols), "H_A": (cols, cols), "s_G": (rows,), "y_G": (rows,),
                 "skipped_A": (), "skipped_G": (), "theta": (), "A": (cols, cols),
-                "skipped_G_rounding": (), "Dh_scale": ()}
+                "skipped_G_rounding": (), "Dh_scale": (), "Gamma": (rows, rows)}
 
     @classmethod
     def from_state_dict(cls, d: dict[str, Any], device: torch.device, *, layer: str = "?",
@@ -221,7 +227,7 @@ class LimitedLayerState(KBFGSLayerState):
     Y: Tensor
     lbfgs: tuple[Tensor, Tensor, float] | None = None
 
-    _transient: ClassVar[tuple[str, ...]] = ("lbfgs",)
+    _transient: ClassVar[tuple[str, ...]] = ("lbfgs", "H_G_fisher")
 
     @classmethod
     def shapes(cls, rows: int, cols: int) -> dict[str, tuple[int | None, ...]]:

@@ -60,7 +60,11 @@ from .base import momentum_buffers, reduce_warm_start, two_sided_product
 from .kbfgs import KBFGS, KBFGSLayerState
 from .validation import check_number, check_param_groups
 
-__all__ = ["GRAFTS", "INITS_H_A", "KBFGSPlus", "adam_direction", "graft", "graft_rows"]
+__all__ = ["GRAFTS", "INITS_H_A", "KBFGSPlus", "adam_direction", "average_Gamma",
+           "fisher_left_factor", "graft", "graft_rows"]
+
+#: ``delta`` of :func:`fisher_left_factor`, relative to the mean eigenvalue of Gamma
+FISHER_G_DAMPING = 1e-2
 
 #: the values of ``KBFGSPlus(graft=...)``: Adam's length per layer or per output row
 GRAFTS = ("layer", "row")
@@ -95,6 +99,29 @@ def graft_rows(P: Tensor, row_norms: Tensor) -> Tensor:
     return P.mul_(_ratio(row_norms.to(P.dtype), have).unsqueeze(1))
 
 
+def average_Gamma(Gamma: Tensor | None, G: Tensor, beta: float) -> Tensor:
+    """``beta Gamma + (1 - beta) G`` (``Gamma = None``: from zero); ``Gamma`` kept when ``G``
+    is not finite (no host sync)."""
+    if Gamma is None:
+        Gamma = torch.zeros_like(G)
+    new = Gamma * beta + G * (1.0 - beta)
+    return torch.where(torch.isfinite(G).all(), new, Gamma)
+
+
+def fisher_left_factor(Gamma: Tensor, rel_damping: float = FISHER_G_DAMPING) -> Tensor:
+    """``(I + Gamma / delta)^-1/2`` with ``delta = rel_damping * mean eigenvalue of Gamma``:
+    ``(Gamma + delta I)^-1/2`` scaled to the largest eigenvalue 1 (the scale does not matter
+    to a grafted step). Formed from an eigendecomposition in float64 (negative rounding
+    eigenvalues taken as 0); a zero ``Gamma`` gives ``I``."""
+    lam, Q = torch.linalg.eigh(Gamma.double())
+    lam = lam.clamp_min(0.0)
+    delta = rel_damping * lam.mean()
+    total = lam + delta
+    d = torch.where(total > 0, delta / total.clamp_min(torch.finfo(total.dtype).tiny),
+                    torch.ones_like(total)).sqrt()
+    return ((Q * d) @ Q.T).to(Gamma.dtype)
+
+
 def _ratio(want: Tensor, have: Tensor) -> Tensor:
     """``want / have``, and 0 where ``have`` is 0 (a zero stays zero: no inf, no NaN)."""
     return torch.where(have > 0, want / have.clamp_min(torch.finfo(have.dtype).tiny),
@@ -127,6 +154,11 @@ class KBFGSPlus(KBFGS):
             minibatch; one explicit ``A`` per layer, once), so no :meth:`warm_start` pass over
             the data is needed; ``"identity"``: ``I / lambda_A`` (as K-BFGS without a warm
             start). A :meth:`warm_start` before the first step replaces either.
+        fisher_G: a layer whose H_G pairs are at rounding level (a conv feeding BatchNorm,
+            whose ``Dh_bar`` is 0 in exact arithmetic: H_G learns nothing) takes the left
+            factor ``(Gamma + delta I)^-1/2`` instead of H_G, with ``Gamma`` KFAC's
+            ``E[Dh Dh^T]`` averaged over the passes K-BFGS records anyway and ``delta`` 1% of
+            its mean eigenvalue (default ``False``; docs/api.md, "kbfgs-plus").
     ``momentum`` is Adam's beta1 as well as K-BFGS's momentum. See the module docstring and
     docs/api.md ("kbfgs-plus").
     """
@@ -135,7 +167,7 @@ class KBFGSPlus(KBFGS):
                  momentum: float = 0.9, update_freq: int = 3, weight_decay: float = 0.0,
                  history: int | None = None, *, beta2: float = 0.95, eps: float = 1e-8,
                  closure_free: bool = True, graft: str = "layer", nesterov: bool = True,
-                 init_H_A: str = "minibatch", **kwargs: Any) -> None:
+                 init_H_A: str = "minibatch", fisher_G: bool = False, **kwargs: Any) -> None:
         check_number("beta2", beta2, 0.0, high=1.0)
         if not beta2 < 1.0:
             raise ValueError(f"beta2 must be in [0, 1), got {beta2!r}")
@@ -148,7 +180,10 @@ class KBFGSPlus(KBFGS):
             raise TypeError(f"nesterov must be True or False, got {nesterov!r}")
         if init_H_A not in INITS_H_A:
             raise ValueError(f"init_H_A must be one of {', '.join(INITS_H_A)}, got {init_H_A!r}")
+        if not isinstance(fisher_G, bool):
+            raise TypeError(f"fisher_G must be True or False, got {fisher_G!r}")
         self.init_H_A = init_H_A
+        self.fisher_G = fisher_G
         #: the minibatch A of new layers (the first-minibatch H_A), while a step initialises them
         self._first_A: dict[str, Tensor] | None = None
         self.graft = graft
@@ -297,11 +332,61 @@ class KBFGSPlus(KBFGS):
             A0 = self._first_A.get(layer.name)
         return super()._init_layer(layer, locations, A0)
 
+    # ------------------------------------------------------------------ fisher_G
+    def _curvature_update(self, pre: dict[str, LayerRecord], post: dict[str, LayerRecord], *,
+                          H_A: bool = True, H_G: bool = True) -> None:
+        """As K-BFGS; with ``fisher_G`` the H_G part also averages Gamma of the layers whose
+        pairs are at rounding level (both passes), forms their left factor, and adds the
+        layers whose pair was at rounding level now to those (one host sync)."""
+        super()._curvature_update(pre, post, H_A=H_A, H_G=H_G)
+        if not (H_G and self.fisher_G):
+            return
+        for name in self.capture.gram:
+            st, r0, r1 = self.layer_state.get(name), pre.get(name), post.get(name)
+            if st is None or r0 is None or r1 is None or r0.G is None or r1.G is None:
+                continue
+            st.Gamma = average_Gamma(st.Gamma, (r0.G + r1.G) * 0.5, self.beta)
+            st.H_G_fisher = fisher_left_factor(st.Gamma)
+        self._find_flat_G()
+
+    def _find_flat_G(self) -> None:
+        """``capture.gram``: the layers with a pair of H_G at rounding level (``fisher_G``; a
+        layer stays once added). Derived from the layer states (one host sync)."""
+        if not self.fisher_G:
+            self.capture.gram = set()
+            return
+        todo = [(n, st.skipped_G_rounding) for n, st in self.layer_state.items()
+                if n not in self.capture.gram and st.skipped_G_rounding is not None]
+        if todo:
+            flat = torch.stack([c for _, c in todo]).gt(0).tolist()
+            self.capture.gram |= {n for (n, _), f in zip(todo, flat) if f}
+
+    def _uses_fisher_G(self, layer: KroneckerLayer, st: KBFGSLayerState) -> bool:
+        """Whether the layer's left factor is the Fisher one (``fisher_G``, pairs at rounding
+        level, Gamma averaged at least once)."""
+        return self.fisher_G and st.Gamma is not None and layer.name in self.capture.gram
+
+    def _left_factor(self, layer: KroneckerLayer, st: KBFGSLayerState) -> Any:
+        """H_G, or (:meth:`_uses_fisher_G`) the Fisher factor."""
+        if self._uses_fisher_G(layer, st):
+            if st.H_G_fisher is None:  # loaded from a state_dict
+                assert st.Gamma is not None  # _uses_fisher_G
+                st.H_G_fisher = fisher_left_factor(st.Gamma)
+            return st.H_G_fisher
+        return self._H_G_operator(layer, st)
+
+    def _layer_stats(self, layer: KroneckerLayer, st: KBFGSLayerState,
+                     condition: bool) -> dict[str, Any]:
+        out = super()._layer_stats(layer, st, condition)
+        out["fisher_G"] = self._uses_fisher_G(layer, st)
+        return out
+
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
         if self._pending is not None:
             sd["kronecker"]["pending_pair"] = {
-                n: {"h_bar": r.h_bar, "Dh_bar": r.Dh_bar, "Dh_scale": r.Dh_scale}
+                n: {k: v for k, v in (("h_bar", r.h_bar), ("Dh_bar", r.Dh_bar),
+                                      ("Dh_scale", r.Dh_scale), ("G", r.G)) if v is not None}
                 for n, r in self._pending.items()}
         return sd
 
@@ -313,6 +398,8 @@ class KBFGSPlus(KBFGS):
         pending = self._pending_from_dict(saved) if saved is not None else None
         super().load_state_dict(state_dict)
         self._pending = pending if self.closure_free else None
+        self.capture.gram = set()
+        self._find_flat_G()
         if self.closure_free:
             self._arm()
 
@@ -330,9 +417,10 @@ class KBFGSPlus(KBFGS):
                                  f"which is not a Kronecker layer of this model")
             rows = layer.helper.dims()[0]
             vec: dict[str, Tensor | None] = {}
-            for key, shape in (("h_bar", (rows,)), ("Dh_bar", (rows,)), ("Dh_scale", ())):
+            for key, shape in (("h_bar", (rows,)), ("Dh_bar", (rows,)), ("Dh_scale", ()),
+                               ("G", (rows, rows))):
                 v = d.get(key) if isinstance(d, dict) else None
-                if key != "Dh_scale" or v is not None:
+                if key in ("h_bar", "Dh_bar") or v is not None:
                     if not isinstance(v, Tensor) or tuple(v.shape) != shape:
                         raise ValueError(f"state_dict['kronecker']['pending_pair']['{name}']"
                                          f"['{key}'] must be a tensor of shape {shape}")
@@ -340,7 +428,7 @@ class KBFGSPlus(KBFGS):
                               dtype=self._curvature_dtype(layer.module))
                 vec[key] = v
             out[name] = LayerRecord(h_bar=vec["h_bar"], Dh_bar=vec["Dh_bar"],
-                                    Dh_scale=vec["Dh_scale"])
+                                    Dh_scale=vec["Dh_scale"], G=vec["G"])
         return out
 
     def _second_moment(self, p: Tensor) -> tuple[Tensor, int]:
@@ -366,7 +454,7 @@ class KBFGSPlus(KBFGS):
         # a layer with a frozen weight or bias keeps the heavy-ball BUF (no G for that part)
         nesterov = self.nesterov and all(g is not None for g in grads)
         M = self._nesterov_matrix(layer, st.buf, grads, beta1) if nesterov else st.buf
-        P = two_sided_product(self._H_G_operator(layer, st), M, st.H_A, self._scratch)
+        P = two_sided_product(self._left_factor(layer, st), M, st.H_A, self._scratch)
         by_row = self.graft == "row"
         sq = torch.zeros(rows if by_row else (), dtype=torch.float32, device=P.device)
         for view, p in zip(layer.helper.split_matrix(M), params):
