@@ -248,27 +248,37 @@ def test_closure_free_pair_is_the_difference_of_consecutive_minibatches():
     assert opt.curvature_updates == 1
 
 
-def test_closure_free_resume_is_bit_identical():
-    """The pending first half of a pair is saved: a run resumed between a curvature step and
-    its "+" iteration continues exactly."""
-    data = _batches(8)
-    model = _net()
-    opt = KBFGSPlus(model, lr=0.01, update_freq=3, closure_free=True)
-    for x, y in data[:3]:  # step 3 is a curvature step: its pair waits for step 4
+def _resume_is_bit_identical(make_model, make_opt, data, split):
+    """Run ``data`` in a plain loop, saving after ``data[:split]``; resume a model of another
+    initialisation from the save and run the rest: the parameters must be equal. Returns the
+    two optimizers and the saved ``state_dict``."""
+    model = make_model(0)
+    opt = make_opt(model)
+    for x, y in data[:split]:
         _plain_step(opt, model, x, y)
     saved_model = copy.deepcopy(model.state_dict())
     saved = copy.deepcopy(opt.state_dict())
-    assert "pending_pair" in saved["kronecker"]
-    for x, y in data[3:]:
+    for x, y in data[split:]:
         _plain_step(opt, model, x, y)
-    model2 = _net(seed=5)
+    model2 = make_model(5)
     model2.load_state_dict(saved_model)
-    opt2 = KBFGSPlus(model2, lr=0.01, update_freq=3, closure_free=True)
+    opt2 = make_opt(model2)
     opt2.load_state_dict(saved)
-    for x, y in data[3:]:
+    for x, y in data[split:]:
         _plain_step(opt2, model2, x, y)
     for a, b in zip(model.parameters(), model2.parameters()):
         assert torch.equal(a, b)
+    return opt, opt2, saved
+
+
+def test_closure_free_resume_is_bit_identical():
+    """The pending first half of a pair is saved: a run resumed between a curvature step and
+    its "+" iteration continues exactly."""
+    # step 3 is a curvature step: its pair waits for step 4
+    opt, opt2, saved = _resume_is_bit_identical(
+        lambda seed: _net(seed=seed),
+        lambda m: KBFGSPlus(m, lr=0.01, update_freq=3, closure_free=True), _batches(8), 3)
+    assert "pending_pair" in saved["kronecker"]
     assert opt2.curvature_updates == opt.curvature_updates
 
 
@@ -623,9 +633,7 @@ def test_fisher_G_averages_kfacs_Gamma_and_replaces_H_G_of_the_batchnorm_fed_con
         out.register_hook(grads.append)
 
     conv.register_forward_hook(keep_grad)
-    g = torch.Generator().manual_seed(4)
-    data = [(torch.randn(6, 2, 4, 4, generator=g, dtype=DT),
-             torch.randn(6, 2, generator=g, dtype=DT)) for _ in range(6)]
+    data = [_conv_batch(seed=40 + k, n=6) for k in range(6)]
     for x, y in data[:5]:
         _plain_step(opt, model, x, y)
     assert opt.capture.gram == {"0"}
@@ -669,27 +677,13 @@ def test_fisher_G_averages_kfacs_Gamma_and_replaces_H_G_of_the_batchnorm_fed_con
 def test_fisher_G_resume_is_bit_identical():
     """Gamma and the Gamma of a pending pair are saved: a run resumed between a curvature step
     and its "+" iteration continues exactly."""
-    g = torch.Generator().manual_seed(5)
-    data = [(torch.randn(6, 2, 4, 4, generator=g, dtype=DT),
-             torch.randn(6, 2, generator=g, dtype=DT)) for _ in range(12)]
-    model = _bn_net()
-    opt = KBFGSPlus(model, lr=0.01, update_freq=2, fisher_G=True)
-    for x, y in data[:8]:  # step 8 is a curvature step: its pair waits for step 9
-        _plain_step(opt, model, x, y)
-    saved_model = copy.deepcopy(model.state_dict())
-    saved = copy.deepcopy(opt.state_dict())
+    # step 8 is a curvature step: its pair waits for step 9
+    _, opt2, saved = _resume_is_bit_identical(
+        lambda seed: _bn_net(seed=seed),
+        lambda m: KBFGSPlus(m, lr=0.01, update_freq=2, fisher_G=True),
+        [_conv_batch(seed=50 + k, n=6) for k in range(12)], 8)
     assert "Gamma" in saved["kronecker"]["layers"]["0"]
     assert "G" in saved["kronecker"]["pending_pair"]["0"]
-    for x, y in data[8:]:
-        _plain_step(opt, model, x, y)
-    model2 = _bn_net(seed=5)
-    model2.load_state_dict(saved_model)
-    opt2 = KBFGSPlus(model2, lr=0.01, update_freq=2, fisher_G=True)
-    opt2.load_state_dict(saved)
     assert opt2.capture.gram == {"0"}
-    for x, y in data[8:]:
-        _plain_step(opt2, model2, x, y)
-    for a, b in zip(model.parameters(), model2.parameters()):
-        assert torch.equal(a, b)
     with pytest.raises(TypeError, match="fisher_G"):
         KBFGSPlus(_net(), fisher_G="yes")
