@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -171,6 +172,11 @@ class Capture:
     #: record ``rec.G``, KFAC's Gamma ``E[Dh Dh^T]`` of the output gradients (kbfgs-plus with
     #: ``fisher_G``)
     gram: set[str] = field(default_factory=set)
+    #: layer name -> the BatchNorm whose input is that layer's output, unchanged (found in the
+    #: first recorded pass, :meth:`_watch_norms`): while the BatchNorm normalises with the
+    #: batch's statistics, the layer's ``Dh_bar`` is 0 in exact arithmetic
+    norm_fed: dict[str, nn.Module] = field(default_factory=dict)
+    _norms_watched: bool = False
     _dummy: dict = field(default_factory=dict)
 
     # ------------------------------------------------------------------ the recordings
@@ -317,7 +323,7 @@ class Capture:
                 handles.append((layer.module, layer.module.register_forward_hook(hook)))
             # a recording left open across the user's loop (grad_only) must not change the
             # compile stance of the user's own code
-            with contextlib.nullcontext() if grad_only else eager():
+            with contextlib.nullcontext() if grad_only else eager(), self._watch_norms(records):
                 yield records
         finally:
             for module, h in handles:
@@ -325,6 +331,69 @@ class Capture:
                 # a recording left open and then collected with a garbage cycle: the garbage
                 # collector clears the handle's weak reference first, so remove() is a no-op
                 module._forward_hooks.pop(h.id, None)
+
+    @contextlib.contextmanager
+    def _watch_norms(self, records: dict[str, LayerRecord]) -> Iterator[None]:
+        """Fills :attr:`norm_fed` in the first pass that records a call (after the Capture is
+        made: a loaded optimizer finds it again): which layer outputs go, unchanged, into a
+        BatchNorm (``nn.modules.batchnorm._BatchNorm``: ``BatchNorm1d/2d/3d``,
+        ``SyncBatchNorm``) that normalises over every dimension but the layer's output features
+        (a conv's 4-d output, a Linear's 2-d one). "Unchanged": the very tensor the layer
+        returned, not modified in place since (an in-place activation between them, e.g.
+        ``ReLU(inplace=True)``, changes its version counter). Registered after the recording
+        hooks, so the output a K-BFGS extra pass substitutes is the one watched. The hooks run
+        eagerly inside a compiled model (this one pass only)."""
+        if self._norms_watched or self.root is None:
+            yield
+            return
+        norms = [m for m in self.root.modules()
+                 if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if not norms:
+            self._norms_watched = True
+            yield
+            return
+        outputs: dict[int, tuple[weakref.ref[Tensor], int, str]] = {}
+        found: dict[str, nn.Module] = {}
+
+        def watch(layer: KroneckerLayer) -> _Hook:
+            features_dim = 4 if getattr(layer.helper, "is_conv", False) else 2
+
+            @torch.compiler.disable
+            def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
+                if (isinstance(output, Tensor) and output.dim() == features_dim
+                        and not output.is_inference()):
+                    outputs[id(output)] = (weakref.ref(output), output._version, layer.name)
+
+            return hook
+
+        @torch.compiler.disable
+        def check(module: nn.Module, args: tuple) -> None:
+            x = args[0] if args else None
+            if not isinstance(x, Tensor):
+                return
+            entry = outputs.get(id(x))
+            if entry is not None and entry[0]() is x and entry[1] == x._version:
+                found[entry[2]] = module
+
+        handles = [(layer.module._forward_hooks, layer.module.register_forward_hook(watch(layer)))
+                   for layer in self.layers]
+        handles += [(m._forward_pre_hooks, m.register_forward_pre_hook(check)) for m in norms]
+        try:
+            yield
+        finally:
+            for hooks, h in handles:
+                h.remove()
+                hooks.pop(h.id, None)  # collected with a garbage cycle: see _pass
+            if any(r.chunks for r in records.values()):
+                self.norm_fed = found
+                self._norms_watched = True
+
+    def uses_batch_statistics(self, name: str) -> bool:
+        """Whether layer ``name`` feeds a BatchNorm directly (:attr:`norm_fed`) that now
+        normalises with the batch's statistics (training mode, or no running statistics):
+        its ``Dh_bar`` is then 0 in exact arithmetic, in every precision."""
+        norm = self.norm_fed.get(name)
+        return norm is not None and bool(norm.training or not norm.track_running_stats)
 
     @staticmethod
     def _begin_call(helper: KroneckerHelper, rec: LayerRecord, x: Tensor, output: Tensor) -> int:

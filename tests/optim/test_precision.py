@@ -12,6 +12,7 @@ from torch import nn
 
 import kbfgs
 from cases import mlp
+from kbfgs.optim.kbfgs_plus import KBFGSPlus
 
 
 class ConvBN(nn.Module):
@@ -115,6 +116,96 @@ def test_bf16_autocast_trains_with_float32_curvature(name):
     assert opt.stats(condition=False)["curvature_updates"] == 15
 
 
+@pytest.mark.parametrize("method", ["kbfgs", "kbfgs-plus"])
+def test_conv_feeding_batchnorm_under_bf16_autocast_keeps_its_H_G(method):
+    """Under bfloat16 autocast the output gradients carry bfloat16 rounding, far above the
+    float32 level of the numerical test (measured: a BatchNorm-fed conv's ``||Dh_bar||_1`` is
+    up to ~3 bf16-eps / sqrt(M) of ``Dh_scale``, a Linear with one output can be as low), so
+    the pairs of the convs are known as rounding from the model's structure: they are all
+    skipped and H_G stays ``I / lambda_G``, as in exact arithmetic; the head is not affected.
+    With ``fisher_G`` the convs take the Fisher left factor."""
+    torch.manual_seed(0)
+    model = ConvBN()
+    if method == "kbfgs":
+        opt = kbfgs.KBFGS(model, lr=0.05, damping=0.3)
+    else:
+        opt = KBFGSPlus(model, lr=3e-3, damping=0.3, update_freq=1, fisher_G=True)
+    for x, y in _convbn_data(8, m=16, dtype=torch.float32):
+
+        def closure(x=x, y=y):
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = model(x)
+            loss = F.cross_entropy(out.float(), y)
+            loss.backward()
+            return loss
+
+        if method == "kbfgs":
+            opt.step(closure)
+        else:
+            closure()
+            opt.step()
+    assert opt.capture.norm_fed == {"c1": model.b1, "c2": model.b2}
+    layers = opt.stats(condition=False)["layers"]
+    pairs = 8 if method == "kbfgs" else 6  # closure-free: the pair of step k completes at k+1
+    assert layers["c1"]["skipped_G_rounding"] == pairs and layers["c1"]["skipped_G"] == 0
+    assert layers["c2"]["skipped_G_rounding"] == pairs
+    assert layers["fc"]["skipped_G_rounding"] == 0
+    if method == "kbfgs":
+        st = opt.layer_state["c1"]
+        lam_G = opt._lambdas(opt.layers[0], st.locations)[1]
+        assert torch.equal(st.H_G, torch.eye(4) / lam_G)
+    else:
+        assert opt.capture.gram == {"c1", "c2"}
+        assert layers["c1"]["fisher_G"] and not layers["fc"]["fisher_G"]
+
+
+class Detours(nn.Module):
+    """Outputs that reach a BatchNorm changed (an in-place ReLU) or in a layout the BatchNorm
+    does not normalise per output feature (a Linear's 3-d output): their ``Dh_bar`` is not 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 4, 3, padding=1)
+        self.b1 = nn.BatchNorm2d(4)
+        self.c2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.b2 = nn.BatchNorm2d(4)
+        self.l3 = nn.Linear(49, 5)
+        self.b3 = nn.BatchNorm1d(4)
+        self.fc = nn.Linear(20, 3)
+
+    def forward(self, x):
+        h = self.b1(self.c1(x))
+        h = self.b2(torch.relu_(self.c2(h)))
+        return self.fc(self.b3(self.l3(h.flatten(2))).flatten(1))
+
+
+def test_batchnorm_fed_layers_are_those_whose_output_goes_in_unchanged():
+    torch.manual_seed(0)
+    model = Detours().double()
+    opt = kbfgs.KBFGS(model, lr=0.05, damping=0.3)
+    for x, y in _convbn_data(4):
+
+        def closure(x=x, y=y):
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    assert opt.capture.norm_fed == {"c1": model.b1}
+    layers = opt.stats(condition=False)["layers"]
+    assert layers["c1"]["skipped_G_rounding"] == 4
+    # the others' Dh_bar is not 0: their pairs are real (float64, far above rounding)
+    assert all(layers[n]["skipped_G_rounding"] == 0 for n in ("c2", "l3", "fc"))
+    assert opt.capture.uses_batch_statistics("c1")
+    model.b1.eval()  # running statistics: Dh_bar is not 0 any more
+    assert not opt.capture.uses_batch_statistics("c1")
+    model.b1.track_running_stats = False  # batch statistics in eval mode too
+    assert opt.capture.uses_batch_statistics("c1")
+    assert not opt.capture.uses_batch_statistics("c2")
+
+
 def test_grad_scaler_unscales_and_skips_an_overflow_with_state_unchanged():
     model = mlp()
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
@@ -209,3 +300,4 @@ def test_compiled_model_gives_the_eager_losses_with_few_recompilations(name):
     # per step (today: 15 graphs for K-BFGS over 12 steps, Dynamo's limit is 8 per frame)
     graphs = dynamo.utils.counters["stats"].get("unique_graphs", 0)
     assert graphs <= 6, dict(dynamo.utils.counters["stats"])
+

@@ -552,10 +552,13 @@ class KBFGS(KroneckerOptimizer):
         _, ok = linalg.bfgs_update(st.H_A, r0.s_A, y_A, inplace=True)
         st.skipped_A += (~ok).long()
 
-    def _rounding_level(self, st: KBFGSLayerState, r0: LayerRecord, r1: LayerRecord,
+    def _rounding_level(self, name: str, st: KBFGSLayerState, r0: LayerRecord, r1: LayerRecord,
                         finite: Tensor) -> Tensor:
         """Updates the moving average ``st.Dh_scale`` (kept when the pair is not finite) and
-        returns whether ``y_G`` is at rounding level against it (0-dim bool, no host sync)."""
+        returns whether ``y_G`` is at rounding level against it (0-dim bool, no host sync), or
+        true for a layer that feeds a BatchNorm normalising with batch statistics
+        (:meth:`Capture.uses_batch_statistics`): there ``y_G`` is 0 in exact arithmetic,
+        which the numerical test cannot see under bfloat16 or float16 autocast."""
         if st.Dh_scale is None:  # a state saved before the counter existed
             st.Dh_scale = torch.zeros_like(st.theta)
             st.skipped_G_rounding = torch.zeros_like(st.skipped_G)
@@ -563,6 +566,8 @@ class KBFGS(KroneckerOptimizer):
             return torch.zeros((), dtype=torch.bool, device=st.y_G.device)
         new = self.beta * st.Dh_scale + (1.0 - self.beta) * (r0.Dh_scale + r1.Dh_scale)
         st.Dh_scale = torch.where(finite, new.to(st.Dh_scale.dtype), st.Dh_scale)
+        if self.capture.uses_batch_statistics(name):
+            return torch.ones((), dtype=torch.bool, device=st.y_G.device)
         return rounding_level_pair(st.y_G, st.Dh_scale)
 
     def _curvature_update(self, pre: dict[str, LayerRecord], post: dict[str, LayerRecord], *,
@@ -587,7 +592,7 @@ class KBFGS(KroneckerOptimizer):
                                                r0.Dh_bar, r1.Dh_bar, self.beta)
             s_t, y_t, st.theta = DAMPING_RULES[self.damping_rule](  # line 20
                 st.s_G, st.y_G, self._H_G_operator(layer, st), self.mu1, lam_G)
-            rounding = self._rounding_level(st, r0, r1, fin)
+            rounding = self._rounding_level(layer.name, st, r0, r1, fin)
             s_t, y_t = mask_pair(s_t, y_t, fin & ~rounding)
             if isinstance(st, DenseLayerState):  # line 21, BFGS
                 _, ok = linalg.bfgs_update(st.H_G, s_t, y_t, inplace=True)
