@@ -319,7 +319,10 @@ class Capture:
             for layer in self.layers:
                 hook = make_hook(layer, records[layer.name])
                 if grad_only:
-                    hook = _with_grad_only(hook)
+                    # left open across the user's loop, the hook may be called from compiled
+                    # code: it runs eagerly there (one graph break, as any hook; traced, it
+                    # would be recompiled per layer and stop at its timer)
+                    hook = torch.compiler.disable(_with_grad_only(hook))
                 handles.append((layer.module, layer.module.register_forward_hook(hook)))
             # a recording left open across the user's loop (grad_only) must not change the
             # compile stance of the user's own code
