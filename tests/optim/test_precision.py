@@ -297,10 +297,10 @@ def test_compiled_model_gives_the_eager_losses_with_few_recompilations(name):
         losses[compiled] = out
     torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]),
                                rtol=1e-5, atol=1e-6)
-    # plain steps, curvature passes and the extra pass may each need a graph; no recompilation
-    # per step (today: 15 graphs for K-BFGS over 12 steps, Dynamo's limit is 8 per frame)
+    # the passes with hooks run eagerly, so the plain steps' graph is reused: 1 graph for K-BFGS
+    # and for KFAC over these 12 steps (measured; Dynamo's limit is 8 per frame)
     graphs = dynamo.utils.counters["stats"].get("unique_graphs", 0)
-    assert graphs <= 6, dict(dynamo.utils.counters["stats"])
+    assert graphs <= 3, dict(dynamo.utils.counters["stats"])
 
 
 def test_compiled_model_with_closure_free_kbfgs_plus_gives_the_eager_losses_quietly():
