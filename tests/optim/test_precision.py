@@ -38,6 +38,25 @@ def _convbn_data(n=20, m=8, dtype=torch.float64):
              torch.randint(0, 3, (m,), generator=g)) for _ in range(n)]
 
 
+def _ce_step(opt, model, x, y, bf16=False):
+    """One step on the cross-entropy of ``model(x)`` (under bfloat16 autocast with ``bf16``):
+    K-BFGS with a closure; the closure-free kbfgs-plus after the backward, as a user's loop."""
+
+    def closure():
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = model(x)
+        loss = F.cross_entropy(out.float() if bf16 else out, y)
+        loss.backward()
+        return loss
+
+    if isinstance(opt, KBFGSPlus):
+        closure()
+        opt.step()
+    else:
+        opt.step(closure)
+
+
 def _train_convbn(dtype, history=None, channels_last=False, steps=20):
     torch.manual_seed(0)
     model = ConvBN().to(torch.float64)
@@ -49,14 +68,7 @@ def _train_convbn(dtype, history=None, channels_last=False, steps=20):
         x = x.to(dtype)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-
-        def closure(x=x, y=y):
-            opt.zero_grad()
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            return loss
-
-        opt.step(closure)
+        _ce_step(opt, model, x, y)
     return model, opt
 
 
@@ -131,20 +143,7 @@ def test_conv_feeding_batchnorm_under_bf16_autocast_keeps_its_H_G(method):
     else:
         opt = KBFGSPlus(model, lr=3e-3, damping=0.3, update_freq=1, fisher_G=True)
     for x, y in _convbn_data(8, m=16, dtype=torch.float32):
-
-        def closure(x=x, y=y):
-            opt.zero_grad()
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                out = model(x)
-            loss = F.cross_entropy(out.float(), y)
-            loss.backward()
-            return loss
-
-        if method == "kbfgs":
-            opt.step(closure)
-        else:
-            closure()
-            opt.step()
+        _ce_step(opt, model, x, y, bf16=True)
     assert opt.capture.norm_fed == {"c1": model.b1, "c2": model.b2}
     layers = opt.stats(condition=False)["layers"]
     pairs = 8 if method == "kbfgs" else 6  # closure-free: the pair of step k completes at k+1
@@ -185,14 +184,7 @@ def test_batchnorm_fed_layers_are_those_whose_output_goes_in_unchanged():
     model = Detours().double()
     opt = kbfgs.KBFGS(model, lr=0.05, damping=0.3)
     for x, y in _convbn_data(4):
-
-        def closure(x=x, y=y):
-            opt.zero_grad()
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            return loss
-
-        opt.step(closure)
+        _ce_step(opt, model, x, y)
     assert opt.capture.norm_fed == {"c1": model.b1}
     layers = opt.stats(condition=False)["layers"]
     assert layers["c1"]["skipped_G_rounding"] == 4
